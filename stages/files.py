@@ -1,0 +1,29 @@
+"""Output files written all-or-nothing: a temp file beside the target, renamed into place only on success."""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temp path in the target's directory; it replaces the target only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(temp)
+        os.chmod(temp, 0o644)  # mkstemp makes files private; outputs are ordinary files
+        os.replace(temp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def write_json(target: Path | str, data: dict) -> None:
+    with atomic_path(target) as temp:
+        temp.write_text(json.dumps(data, indent=2) + "\n")

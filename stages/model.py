@@ -1,0 +1,127 @@
+"""The CNN: conv blocks, then a two-layer classifier, with its checkpoint format and input normalisation."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stages.errors import PipelineError
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """H_out = floor((H_in + 2P - D(K - 1) - 1) / S + 1), for convolutions and pooling alike."""
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+class CNN(nn.Module):
+    """Per block: conv (same padding) → [batch norm] → activation, repeated, then 2×2 max-pool.
+
+    The defaults are the classic MNIST CNN: conv 1→16, pool, conv 16→32, pool, fc 1568→128, fc 128→10.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        num_classes: int = 10,
+        conv_channels: tuple[int, ...] = (16, 32),
+        convs_per_block: int = 1,
+        kernel_size: int = 3,
+        batch_norm: bool = False,
+        fc_units: int = 128,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        activation_layer = ACTIVATIONS[activation]
+        padding = kernel_size // 2
+        layers: list[nn.Module] = []
+        channels, size = 1, image_size
+        for out_channels in conv_channels:
+            for _ in range(convs_per_block):
+                layers.append(nn.Conv2d(channels, out_channels, kernel_size, padding=padding, bias=not batch_norm))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(out_channels))
+                layers.append(activation_layer())
+                channels, size = out_channels, conv_output_size(size, kernel_size, padding=padding)
+            layers.append(nn.MaxPool2d(2))
+            size = conv_output_size(size, kernel_size=2, stride=2)
+            if size < 1:
+                raise PipelineError(
+                    f"model.conv_channels has {len(conv_channels)} blocks: too many pooling steps for "
+                    f"{image_size}x{image_size} images (each halves the size)"
+                )
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * size * size, fc_units),
+            activation_layer(),
+            nn.Dropout(dropout),
+            nn.Linear(fc_units, num_classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+def normalize(pixels: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Raw uint8 pixels (0-255) to the standardised float input the network is trained on."""
+    return (pixels.float() / 255.0 - mean) / std
+
+
+class PixelClassifier(nn.Module):
+    """The network plus its input normalisation: raw uint8 pixels of shape (N, 1, H, W) in, logits out."""
+
+    def __init__(self, network: CNN, mean: float, std: float):
+        super().__init__()
+        self.network, self.mean, self.std = network, mean, std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network(normalize(pixels, self.mean, self.std))
+
+
+def save_checkpoint(path: Path, network: CNN, architecture: dict, meta: dict, extra: dict) -> None:
+    """Everything needed to rebuild the model, in types that torch.load(weights_only=True) accepts."""
+    torch.save(
+        {
+            "state_dict": network.state_dict(),
+            "architecture": architecture,
+            "mean": float(meta["mean"]),
+            "std": float(meta["std"]),
+            "class_names": list(meta["class_names"]),
+            **extra,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
+    """Rebuild the trained model in eval mode from a checkpoint written by save_checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the train stage first (dvc repro train)") from None
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        raise PipelineError(f"{path} is not a readable model checkpoint: {error}") from None
+    network = CNN(**checkpoint["architecture"])
+    network.load_state_dict(checkpoint["state_dict"])
+    model = PixelClassifier(network, checkpoint["mean"], checkpoint["std"])
+    return model.eval(), checkpoint
+
+
+def pick_device(setting: str, key: str) -> torch.device:
+    """'auto' takes CUDA when present; asking for CUDA without one is an error, not a silent fallback."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"{key} = 'cuda' but PyTorch sees no CUDA device; use 'auto' or 'cpu'")
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(setting)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits for uint8 pixels (N, 1, H, W) in batches, on the model's device, returned on the CPU."""
+    device = next(model.parameters()).device
+    batches = [model(pixels[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(pixels), batch_size)]
+    return torch.cat(batches)

@@ -1,0 +1,192 @@
+"""The params.yaml schema: every key, its type and allowed values, validated in one place before any work."""
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from stages.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+# The four files of an MNIST-format dataset, as every mirror names them.
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: a predicate and the words that tell a user what is allowed."""
+
+    allowed: str
+    check: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(low: int, high: int | None = None) -> Rule:
+    words = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    return Rule(words, lambda v: _is_int(v) and v >= low and (high is None or v <= high))
+
+
+def number(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    left, right = ("(" if low_open else "["), (")" if high_open else "]")
+    return Rule(
+        f"a number in {left}{low}, {high}{right}",
+        lambda v: _is_number(v)
+        and (v > low if low_open else v >= low)
+        and (v < high if high_open else v <= high),
+    )
+
+
+def choice(*options: str) -> Rule:
+    return Rule("one of " + ", ".join(options), lambda v: v in options)
+
+
+def boolean() -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def list_of(item: Rule, min_len: int, max_len: int) -> Rule:
+    return Rule(
+        f"a list of {min_len} to {max_len} items, each {item.allowed}",
+        lambda v: isinstance(v, list) and min_len <= len(v) <= max_len and all(item.check(i) for i in v),
+    )
+
+
+def _is_mirror(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _is_sha256_table(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and sorted(value) == sorted(MNIST_FILES)
+        and all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in value.values())
+    )
+
+
+def rule(r: Rule):
+    """A dataclass field carrying its validation rule."""
+    return field(metadata={"rule": r})
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    mirrors: list = rule(
+        Rule("a non-empty list of URLs or directories", lambda v: isinstance(v, list) and v != [] and all(map(_is_mirror, v)))
+    )
+    sha256: dict = rule(Rule("a mapping of " + ", ".join(MNIST_FILES) + " to 64 lowercase hex digits", _is_sha256_table))
+    timeout: float = rule(number(0, 600, low_open=True))
+    retries: int = rule(integer(0, 10))
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    val_size: int = rule(integer(1))
+    seed: int = rule(integer(0))
+    train_limit: int = rule(integer(0))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    conv_channels: list = rule(list_of(integer(1, 1024), 1, 4))
+    convs_per_block: int = rule(integer(1, 4))
+    kernel_size: int = rule(Rule("an odd integer from 1 to 7", lambda v: _is_int(v) and v in (1, 3, 5, 7)))
+    batch_norm: bool = rule(boolean())
+    fc_units: int = rule(integer(1, 8192))
+    activation: str = rule(choice("relu", "leaky_relu", "tanh", "sigmoid"))
+    dropout: float = rule(number(0, 1, high_open=True))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    device: str = rule(choice("auto", "cpu", "cuda"))
+    seed: int = rule(integer(0))
+    epochs: int = rule(integer(1, 1000))
+    batch_size: int = rule(integer(1, 65536))
+    optimizer: str = rule(choice("adam", "adamw", "sgd"))
+    lr: float = rule(number(0, 10, low_open=True))
+    betas: list = rule(list_of(number(0, 1, high_open=True), 2, 2))
+    momentum: float = rule(number(0, 1, high_open=True))
+    weight_decay: float = rule(number(0, 1))
+    lr_schedule: str = rule(choice("onecycle", "cosine", "constant"))
+    warmup_fraction: float = rule(number(0, 1, low_open=True, high_open=True))
+    label_smoothing: float = rule(number(0, 1, high_open=True))
+    shift_pixels: int = rule(integer(0, 8))
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = rule(integer(1, 65536))
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int = rule(integer(18, 23))
+    tolerance: float = rule(number(0, 1, low_open=True))
+
+
+@dataclass(frozen=True)
+class Params:
+    download: DownloadParams
+    preprocess: PreprocessParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
+
+
+def _section(cls: type, name: str, raw: Any, source: Path):
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: section '{name}' must be a mapping of keys to values, got {raw!r}")
+    fields = dataclasses.fields(cls)
+    known = [f.name for f in fields]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise PipelineError(f"{source}: unknown key {name}.{unknown[0]}; the keys of '{name}' are: {', '.join(known)}")
+    values = {}
+    for f in fields:
+        key = f"{name}.{f.name}"
+        if f.name not in raw:
+            raise PipelineError(f"{source}: missing key {key} (expected {f.metadata['rule'].allowed})")
+        value = raw[f.name]
+        r: Rule = f.metadata["rule"]
+        if not r.check(value):
+            raise PipelineError(f"{source}: {key} = {value!r} is not allowed; expected {r.allowed}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate the whole params file, so a mistake anywhere stops the first stage that runs."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the stages from the repository root") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path} must be a mapping of sections, got {raw!r}")
+    sections = {f.name: f.type for f in dataclasses.fields(Params)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise PipelineError(f"{path}: unknown section '{unknown[0]}'; the sections are: {', '.join(sections)}")
+    missing = [name for name in sections if name not in raw]
+    if missing:
+        raise PipelineError(f"{path}: missing section '{missing[0]}'")
+    return Params(**{name: _section(cls, name, raw[name], path) for name, cls in sections.items()})

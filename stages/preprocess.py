@@ -1,0 +1,79 @@
+"""Stage 2, preprocess: the IDX files to compact uint8 arrays with a seeded validation split, in data/prepared/."""
+
+from pathlib import Path
+
+import numpy as np
+
+from stages.errors import PipelineError, run_stage
+from stages.idx import read_idx
+from stages.params import MNIST_FILES, load_params
+from stages.prepared import save_meta, save_split
+
+RAW_DIR = Path("data/raw")
+CLASS_NAMES = [str(digit) for digit in range(10)]
+
+
+def load_images_and_labels(images_file: str, labels_file: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(RAW_DIR / images_file), read_idx(RAW_DIR / labels_file)
+    if images.ndim != 3:
+        raise PipelineError(f"{images_file} holds an array of shape {images.shape}; expected (count, height, width)")
+    if labels.ndim != 1:
+        raise PipelineError(f"{labels_file} holds an array of shape {labels.shape}; expected (count,)")
+    if len(images) != len(labels):
+        raise PipelineError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+    if len(labels) and labels.max() >= len(CLASS_NAMES):
+        raise PipelineError(f"{labels_file} has label {labels.max()}; expected 0 to {len(CLASS_NAMES) - 1}")
+    return images, labels
+
+
+def split_indices(count: int, val_size: int, train_limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded disjoint (train, validation) index sets; train_limit > 0 subsamples the training part."""
+    if val_size >= count:
+        raise PipelineError(f"preprocess.val_size = {val_size} must be smaller than the {count} training images")
+    order = np.random.default_rng(seed).permutation(count)
+    val, train = order[:val_size], order[val_size:]
+    if train_limit > len(train):
+        raise PipelineError(
+            f"preprocess.train_limit = {train_limit} exceeds the {len(train)} training images left after "
+            f"the validation split; use 0 for all of them"
+        )
+    if train_limit:
+        train = train[:train_limit]
+    return np.sort(train), np.sort(val)
+
+
+def main() -> None:
+    params = load_params().preprocess
+    train_images_file, train_labels_file, test_images_file, test_labels_file = MNIST_FILES
+    images, labels = load_images_and_labels(train_images_file, train_labels_file)
+    test_images, test_labels = load_images_and_labels(test_images_file, test_labels_file)
+    if images.shape[1:] != test_images.shape[1:]:
+        raise PipelineError(f"training images are {images.shape[1:]} but test images are {test_images.shape[1:]}")
+    if images.shape[1] != images.shape[2]:
+        raise PipelineError(f"images are {images.shape[1]}x{images.shape[2]}; the CNN expects square images")
+
+    train, val = split_indices(len(images), params.val_size, params.train_limit, params.seed)
+    splits = {
+        "train": (images[train], labels[train]),
+        "val": (images[val], labels[val]),
+        "test": (test_images, test_labels),
+    }
+    for name, (split_images, split_labels) in splits.items():
+        save_split(name, split_images, split_labels)
+
+    # Normalisation statistics come from the training split only, so nothing leaks from validation or test.
+    train_pixels = splits["train"][0] / np.float32(255)
+    save_meta(
+        {
+            "counts": {name: len(split_labels) for name, (_, split_labels) in splits.items()},
+            "image_size": list(images.shape[1:]),
+            "class_names": CLASS_NAMES,
+            "mean": round(float(train_pixels.mean(dtype=np.float64)), 6),
+            "std": round(float(train_pixels.std(dtype=np.float64)), 6),
+        },
+    )
+    print(", ".join(f"{name}: {len(split_labels)}" for name, (_, split_labels) in splits.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)
