@@ -131,6 +131,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    device: str = rule(choice("auto", "cpu", "cuda"))
     batch_size: int = rule(integer(1, 65536))
 
 
