@@ -60,12 +60,14 @@ def fetch(url: str, destination: Path, timeout: float) -> None:
         with urllib.request.urlopen(url, timeout=timeout) as response, destination.open("wb") as out:
             size = int(response.headers.get("Content-Length") or 0) or None
             name = url.rsplit("/", 1)[-1]
+            received = 0
             with tqdm(total=size, unit="B", unit_scale=True, desc=name, disable=None, leave=False) as bar:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-            if size is not None and destination.stat().st_size != size:
-                raise DownloadFailed(f"connection closed after {destination.stat().st_size} of {size} bytes", permanent=False)
+            if size is not None and received != size:
+                raise DownloadFailed(f"connection closed after {received} of {size} bytes", permanent=False)
     except urllib.error.HTTPError as error:
         raise DownloadFailed(f"HTTP {error.code} {error.reason}", permanent=400 <= error.code < 500) from None
     except urllib.error.URLError as error:

@@ -1,0 +1,86 @@
+"""Shared test fixtures: synthetic MNIST-format data, a local HTTP mirror on 127.0.0.1, a scratch working dir."""
+
+import functools
+import gzip
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.idx import write_idx
+from stages.params import MNIST_FILES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_digits(count: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable stand-ins for digits: class k is a bright bar at a class-specific row, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(count, size, size), dtype=np.uint8)
+    for k in range(10):
+        row = 3 + 2 * k
+        images[labels == k, row : row + 2, 4:-4] = 255
+    return images, labels.astype(np.uint8)
+
+
+def write_synthetic_mnist(directory: Path, train: int = 300, test: int = 100) -> dict[str, str]:
+    """The four MNIST files, gzipped IDX, in `directory`; returns their content SHA-256s like params.yaml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = synthetic_digits(train, seed=1)
+    test_images, test_labels = synthetic_digits(test, seed=2)
+    for name, array in zip(MNIST_FILES, (train_images, train_labels, test_images, test_labels)):
+        write_idx(array, directory / name)
+    return {name: hashlib.sha256(gzip.decompress((directory / name).read_bytes())).hexdigest() for name in MNIST_FILES}
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A directory served over HTTP on 127.0.0.1; yields (root directory, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run the test inside an empty directory with the repository's params.yaml, like a stage in the repo."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MNIST_PIPELINE_MIRRORS", raising=False)
+    return work
+
+
+# Small enough for the whole pipeline to run in seconds on synthetic data.
+TINY_PARAMS = {
+    "preprocess": {"val_size": 60},
+    "model": {"conv_channels": [4, 8], "fc_units": 16},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
+    "evaluate": {"batch_size": 64},
+}
+
+
+def update_params(path: Path, changes: dict) -> None:
+    """Overwrite the given keys of a params.yaml, section by section."""
+    import yaml
+
+    params = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
