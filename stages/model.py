@@ -39,14 +39,17 @@ class CNN(nn.Module):
         layers: list[nn.Module] = []
         channels, size = 1, image_size
         for out_channels in conv_channels:
-            for _ in range(convs_per_block):
+            for conv in range(convs_per_block):
                 layers.append(nn.Conv2d(channels, out_channels, kernel_size, padding=padding, bias=not batch_norm))
+                channels, size = out_channels, conv_output_size(size, kernel_size, padding=padding)
                 if batch_norm:
                     layers.append(nn.BatchNorm2d(out_channels))
+                if conv == convs_per_block - 1:
+                    # Every activation offered is monotonic, so max-pooling before it computes the same
+                    # function as after it, with the activation (and its backward pass) on a quarter of the values.
+                    layers.append(nn.MaxPool2d(2))
+                    size = conv_output_size(size, kernel_size=2, stride=2)
                 layers.append(activation_layer())
-                channels, size = out_channels, conv_output_size(size, kernel_size, padding=padding)
-            layers.append(nn.MaxPool2d(2))
-            size = conv_output_size(size, kernel_size=2, stride=2)
             if size < 1:
                 raise PipelineError(
                     f"model.conv_channels has {len(conv_channels)} blocks: too many pooling steps for "

@@ -68,3 +68,34 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="not a readable model checkpoint"):
         load_checkpoint(tmp_path / "model.pt")
+
+
+class TutorialCNN(nn.Module):
+    """The classic CNN exactly as tutorials write it: conv → ReLU → pool, twice, then fc → ReLU → fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(32 * 7 * 7, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_default_model_computes_the_tutorial_function():
+    torch.manual_seed(0)
+    model, reference = CNN().eval(), TutorialCNN().eval()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for mine, theirs in zip(layers, [reference.conv1, reference.conv2, reference.fc1, reference.fc2]):
+        theirs.load_state_dict(mine.state_dict())
+    images = torch.randn(8, 1, 28, 28)
+    torch.testing.assert_close(model(images), reference(images))
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid"])
+def test_pooling_before_any_offered_activation_equals_pooling_after(activation):
+    conv, pool, act = CNN(activation=activation).features[:3]
+    images = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(act(pool(conv(images))), nn.functional.max_pool2d(act(conv(images)), 2))
