@@ -28,14 +28,14 @@ def keep_freed_memory() -> None:
     """Stop glibc from returning each freed activation buffer to the OS, only to fault it back in next step.
 
     Its default mmap threshold makes every large tensor a fresh mmap; on a small CPU that page-fault churn
-    cost about 40% of the first epoch's time.
+    doubled the time of the first epoch.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return  # not glibc: nothing to tune
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

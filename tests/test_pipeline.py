@@ -106,6 +106,9 @@ def test_metrics_have_every_key_in_range(project):
     assert exported["opset"] >= 18 and exported["max_abs_diff"] <= 1e-4 and exported["predictions_identical"]
     assert exported["onnx_accuracy"] == metrics["accuracy"]
     assert exported["size_bytes"] == (repo / "models/model.onnx").stat().st_size
+    assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.onnx", "model.pt"], (
+        "the ONNX model is one self-contained file, with no external weights beside it"
+    )
 
     summary = json.loads((repo / "metrics/train/metrics.json").read_text())
     assert 1 <= summary["best"]["epoch"] <= TINY_PARAMS["train"]["epochs"]
