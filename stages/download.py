@@ -129,6 +129,8 @@ def main() -> None:
             continue
         url = download_file(name, expected, mirrors, params.timeout, params.retries)
         print(f"{name}: verified, from {url}")
+        working = url.removesuffix(name)
+        mirrors = [working] + [m for m in mirrors if m != working]  # spare the next files the dead mirrors
     for leftover in OUTPUT_DIR.glob(".*.tmp"):  # from a run killed mid-download; never part of the output
         leftover.unlink()
 

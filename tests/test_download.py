@@ -1,5 +1,6 @@
 """The download stage: verified by content hash, retried, failing over between mirrors, never half-written."""
 
+import dataclasses
 import gzip
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from conftest import write_synthetic_mnist
 from stages import download
 from stages.errors import PipelineError
-from stages.params import MNIST_FILES
+from stages.params import MNIST_FILES, load_params
 
 NAME = MNIST_FILES[1]
 
@@ -84,9 +85,23 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
     assert "verified, from file://" in capsys.readouterr().out
 
 
-def _params_with(hashes):
-    from stages.params import load_params
-
+def _params_with(hashes, mirror_urls=("http://127.0.0.1:9/",)):
+    """params.yaml with the download section pointed at test mirrors and synthetic hashes."""
     params = load_params()
-    return type(params)(**{**params.__dict__, "download": type(params.download)(
-        mirrors=["http://127.0.0.1:9/"], sha256=hashes, timeout=1, retries=0)})
+    download_params = dataclasses.replace(params.download, mirrors=list(mirror_urls), sha256=hashes, timeout=1, retries=0)
+    return dataclasses.replace(params, download=download_params)
+
+
+def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):
+    urls, hashes = mirrors
+    tried = []
+    real_fetch = download.fetch
+
+    def recording_fetch(url, destination, timeout):
+        tried.append(url)
+        real_fetch(url, destination, timeout)
+
+    monkeypatch.setattr(download, "fetch", recording_fetch)
+    monkeypatch.setattr(download, "load_params", lambda: _params_with(hashes, [urls["missing"], urls["good"]]))
+    download.main()
+    assert tried == [urls["missing"] + MNIST_FILES[0]] + [urls["good"] + name for name in MNIST_FILES]
