@@ -127,6 +127,8 @@ class TrainParams:
     warmup_fraction: float = rule(number(0, 1, low_open=True, high_open=True))
     label_smoothing: float = rule(number(0, 1, high_open=True))
     shift_pixels: int = rule(integer(0, 8))
+    rotate_degrees: float = rule(number(0, 30))
+    zoom_percent: float = rule(number(0, 30))
 
 
 @dataclass(frozen=True)

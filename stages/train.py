@@ -3,6 +3,7 @@
 import copy
 import ctypes
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,7 +48,7 @@ def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Te
 def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random offset in [-max_shift, max_shift]² pixels, filling with black.
 
-    Shifts only: flips or large rotations would turn some digits into others (6 and 9, 2 and 5).
+    Never a flip, and rotations stay small (train.rotate_degrees): either can turn a digit into another.
     """
     n, _, height, width = pixels.shape
     offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(pixels.device)
@@ -56,6 +57,20 @@ def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generato
     padded = F.pad(pixels[:, 0], (max_shift,) * 4)
     batch = torch.arange(n, device=pixels.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+def random_affine(pixels: torch.Tensor, max_degrees: float, max_zoom: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image about its centre by a random angle in ±max_degrees and zoom it by a random factor
+    in 1 ± max_zoom, bilinearly; returns float pixels on the same 0-255 scale, black where the border shows.
+    """
+    n = len(pixels)
+    angles = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
+    zooms = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_zoom
+    cos, sin, zero = angles.cos() / zooms, angles.sin() / zooms, torch.zeros(n)
+    # theta maps each output pixel to where it samples the input: a rotation scaled by 1/zoom.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(pixels.device), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -130,6 +145,8 @@ def train(
         for step in batches:
             batch = order[step * params.batch_size : (step + 1) * params.batch_size]
             pixels, labels = train_pixels[batch], train_labels[batch]
+            if params.rotate_degrees or params.zoom_percent:
+                pixels = random_affine(pixels, params.rotate_degrees, params.zoom_percent / 100, generator)
             if params.shift_pixels:
                 pixels = random_shift(pixels, params.shift_pixels, generator)
             with autocast:

@@ -5,12 +5,11 @@ data/prepared. Every ratio compares two measurements taken in this same process,
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gzip
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 import onnxruntime
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,7 +41,7 @@ FAST = {
 # The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
 BEST = {
     "model": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256},
-    "train": {"epochs": 20},
+    "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},
 }
 
 
@@ -200,6 +200,29 @@ def inference() -> None:
             report(f"1 image: {name}", f"{median_latency_ms(predict, pixels[:1]):.3f} ms median latency")
 
 
+@contextlib.contextmanager
+def scratch_repo(preprocess_overrides: dict):
+    """A temporary working directory with data/raw linked in and params.yaml changed as given.
+
+    Stages run there read and write its data/prepared/, so the repository's outputs stay untouched.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["preprocess"].update(preprocess_overrides)
+        (Path(folder) / "params.yaml").write_text(yaml.safe_dump(params))
+        (Path(folder) / "data").mkdir()
+        os.symlink(REPO_ROOT / "data/raw", Path(folder) / "data/raw")
+        yield Path(folder)
+
+
+def run_preprocess(folder: Path) -> float:
+    """Seconds for the whole preprocess stage, Python start-up included, as `dvc repro` runs it."""
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=folder, env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
 def pipeline_overhead() -> None:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     status = subprocess.run(["dvc", "status", "--quiet"], env=env)
@@ -210,14 +233,21 @@ def pipeline_overhead() -> None:
         subprocess.run(["dvc", "repro", "--quiet"], env=env, check=True)
         seconds = time.perf_counter() - started
         report("no-op dvc repro", f"{seconds:.2f} s", "<= 2 s", seconds <= 2)
-    with tempfile.TemporaryDirectory() as folder:  # a scratch copy, so the real outputs stay untouched
-        shutil.copy("params.yaml", folder)
-        (Path(folder) / "data").mkdir()
-        os.symlink(REPO_ROOT / "data/raw", Path(folder) / "data/raw")
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=folder, env={**env, "PYTHONPATH": str(REPO_ROOT)}, check=True, capture_output=True)
-        seconds = time.perf_counter() - started
+    with scratch_repo({}) as folder:
+        seconds = run_preprocess(folder)
     report("preprocess full MNIST (whole stage)", f"{seconds:.2f} s", "<= 5 s", seconds <= 5)
+
+
+def best_preset(params) -> None:
+    with scratch_repo(BEST.get("preprocess", {})) as folder:
+        run_preprocess(folder)
+        os.chdir(folder)
+        try:
+            best = timed_training(*with_overrides(params, BEST))
+        finally:
+            os.chdir(REPO_ROOT)
+    report("best preset", f"{best['wall']:.0f} s, test accuracy {best['accuracy']:.4f} (val {best['best']['val_accuracy']:.4f})",
+           ">= 0.9965 in < 600 s", best["accuracy"] >= 0.9965 and best["wall"] < 600)
 
 
 def main() -> None:
@@ -253,9 +283,7 @@ def main() -> None:
     pipeline_overhead()
 
     if args.best:
-        best = timed_training(*with_overrides(params, BEST))
-        report("best preset", f"{best['wall']:.0f} s, test accuracy {best['accuracy']:.4f}",
-               ">= 0.9965 in < 600 s", best["accuracy"] >= 0.9965 and best["wall"] < 600)
+        best_preset(params)
 
 
 if __name__ == "__main__":

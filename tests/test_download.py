@@ -36,7 +36,7 @@ def test_checksum_mismatch_fails_and_writes_nothing(mirrors):
     urls, hashes = mirrors
     with pytest.raises(PipelineError) as raised:
         download.download_file(NAME, hashes[NAME], [urls["corrupt"]], 5, 0)
-    assert f"content SHA-256 is" in str(raised.value) and f"expected {hashes[NAME]}" in str(raised.value)
+    assert "content SHA-256 is" in str(raised.value) and f"expected {hashes[NAME]}" in str(raised.value)
     assert list(download.OUTPUT_DIR.iterdir()) == [], "no partial or temp file may be left behind"
 
 

@@ -57,3 +57,30 @@ def test_asking_for_cuda_without_one_is_a_clear_error(workdir, monkeypatch):
     preprocess.main()
     with pytest.raises(PipelineError, match="train.device = 'cuda' but PyTorch sees no CUDA device"):
         train.main()
+
+
+def test_zero_rotation_and_zoom_is_the_identity():
+    pixels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    rotated = train.random_affine(pixels, 0, 0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rotated, pixels.float(), atol=1e-3, rtol=0)
+
+
+def test_rotation_stays_within_the_limit_and_varies_between_images():
+    pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    pixels[:, 0, 14, 4:24] = 255  # a horizontal bar through the centre, 20 pixels long
+    rotated = train.random_affine(pixels, 10, 0, torch.Generator().manual_seed(0))
+    assert rotated.dtype == torch.float32 and rotated.min() >= 0 and rotated.max() <= 255
+    rows = [(image[0] > 100).nonzero()[:, 0] for image in rotated]
+    # 10 pixels from the centre, a 10° turn moves the bar's end by 10·sin(10°) ≈ 1.7 rows
+    assert all(r.min() >= 14 - 3 and r.max() <= 14 + 3 for r in rows)
+    spreads = {int(r.max() - r.min()) for r in rows}
+    assert len(spreads) > 1, "angles differ between images"
+
+
+def test_zoom_scales_about_the_centre_within_the_limit():
+    pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    pixels[:, 0, 4:24, 4:24] = 255  # a 20-pixel square
+    zoomed = train.random_affine(pixels, 0, 0.2, torch.Generator().manual_seed(0))
+    sides = [(image[0, 14] > 127).sum().item() for image in zoomed]
+    assert min(sides) >= 20 * 0.8 - 1 and max(sides) <= 20 * 1.2 + 1
+    assert min(sides) < 19 and max(sides) > 21, "both zooming in and zooming out happen"
