@@ -115,6 +115,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     device: str = rule(choice("auto", "cpu", "cuda"))
+    mixed_precision: str = rule(choice("auto", "on", "off"))
     seed: int = rule(integer(0))
     epochs: int = rule(integer(1, 1000))
     batch_size: int = rule(integer(1, 65536))

@@ -93,12 +93,16 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
-def autocast_for(device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); plain fp32 on the CPU."""
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """Mixed precision where asked ('auto': on CUDA only): bf16 where the device has it, else fp16 with loss
+    scaling. Weights, optimiser state and the saved model stay fp32 either way."""
+    enabled = mixed_precision == "on" or (mixed_precision == "auto" and device.type == "cuda")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    else:
+        dtype = torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    return autocast, torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
 
 
 @torch.no_grad()
@@ -132,7 +136,7 @@ def train(
     steps_per_epoch = -(-len(train_labels) // params.batch_size)
     optimizer = make_optimizer(params, model)
     schedule = make_schedule(params, optimizer, params.epochs * steps_per_epoch)
-    autocast, scaler = autocast_for(device)
+    autocast, scaler = autocast_for(device, params.mixed_precision)
     print(f"training on {device}: {len(train_labels)} images, {sum(p.numel() for p in model.parameters())} parameters")
 
     best = {"val_accuracy": -1.0}

@@ -33,10 +33,11 @@ from stages.model import CNN, load_checkpoint, predict_logits  # noqa: E402
 from stages.params import MNIST_FILES, load_params  # noqa: E402
 from stages.prepared import load_meta, load_split  # noqa: E402
 
-# One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture.
+# One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture, in bf16
+# autocast (this CPU has AVX512-BF16; weights and optimiser state stay fp32).
 FAST = {
     "model": {"dropout": 0.0},
-    "train": {"epochs": 1, "lr": 0.006, "betas": [0.8, 0.95], "shift_pixels": 0},
+    "train": {"epochs": 1, "batch_size": 96, "lr": 0.005, "betas": [0.8, 0.95], "shift_pixels": 0, "mixed_precision": "on"},
 }
 # The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
 BEST = {
@@ -267,13 +268,16 @@ def main() -> None:
     fast_model, fast_train = with_overrides(params, FAST)
     fast = timed_training(fast_model, fast_train)
     ratio = fast["wall"] / reference_seconds
-    report("fast recipe: 1 epoch", f"{fast['wall']:.1f} s ({ratio:.3f}x), test accuracy {fast['accuracy']:.4f}",
+    report("fast recipe: 1 epoch, bf16 autocast", f"{fast['wall']:.1f} s ({ratio:.3f}x), test accuracy {fast['accuracy']:.4f}",
            ">= 0.99 in <= 0.08x", fast["accuracy"] >= 0.99 and ratio <= 0.08)
+
+    # Efficiency is judged in fp32, the precision of the matmul it is compared with.
+    fp32 = timed_training(fast_model, dataclasses.replace(fast_train, mixed_precision="off"))
+    report("same recipe in fp32", f"{fp32['wall']:.1f} s ({fp32['wall'] / reference_seconds:.3f}x), test accuracy {fp32['accuracy']:.4f}")
     flops = training_flops_per_image(fast_model)
     images = load_meta()["counts"]["train"]
-    achieved = flops * images * FAST["train"]["epochs"] / fast["loop"] / 1e9
-    report("training throughput (fast recipe)", f"{achieved:.0f} GFLOP/s = {achieved / peak:.0%} of matmul",
-           ">= 50%", achieved / peak >= 0.5)
+    achieved = flops * images * fast_train.epochs / fp32["loop"] / 1e9
+    report("fp32 training throughput", f"{achieved:.0f} GFLOP/s = {achieved / peak:.0%} of matmul", ">= 50%", achieved / peak >= 0.5)
     report("  counted training FLOPs per image", f"{flops / 1e6:.2f} MFLOP")
 
     default = timed_training(params.model, params.train)
