@@ -37,7 +37,7 @@ from stages.prepared import load_meta, load_split  # noqa: E402
 # autocast (this CPU has AVX512-BF16; weights and optimiser state stay fp32).
 FAST = {
     "model": {"dropout": 0.0},
-    "train": {"epochs": 1, "batch_size": 96, "lr": 0.005, "betas": [0.8, 0.95], "shift_pixels": 0, "mixed_precision": "on"},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.006, "betas": [0.8, 0.95], "shift_pixels": 0, "mixed_precision": "on"},
 }
 # The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
 BEST = {
