@@ -38,6 +38,10 @@ def export_onnx(model: PixelClassifier, path: Path, opset: int, image_size: int,
             verbose=False,
         )
     proto = program.model_proto
+    # The exporter annotates every node with the Python source it came from, absolute paths included:
+    # nothing a client needs, and it would make the file differ between checkouts of the same model.
+    for node in proto.graph.node:
+        del node.metadata_props[:]
     proto.doc_string = (
         f"MNIST-format digit classifier. Input '{INPUT_NAME}': uint8 raw pixels 0-255, shape (batch, 1, "
         f"{image_size}, {image_size}), white digit on black; normalisation is inside the model. "

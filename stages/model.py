@@ -85,18 +85,23 @@ class PixelClassifier(nn.Module):
 
 
 def save_checkpoint(path: Path, network: CNN, architecture: dict, meta: dict, extra: dict) -> None:
-    """Everything needed to rebuild the model, in types that torch.load(weights_only=True) accepts."""
-    torch.save(
-        {
-            "state_dict": network.state_dict(),
-            "architecture": architecture,
-            "mean": float(meta["mean"]),
-            "std": float(meta["std"]),
-            "class_names": list(meta["class_names"]),
-            **extra,
-        },
-        path,
-    )
+    """Everything needed to rebuild the model, in types that torch.load(weights_only=True) accepts.
+
+    Saved through a file object: given a path, torch.save names the archive's inner folder after the file,
+    and a temp file's random name would make identical models differ byte for byte.
+    """
+    with open(path, "wb") as out:
+        torch.save(
+            {
+                "state_dict": network.state_dict(),
+                "architecture": architecture,
+                "mean": float(meta["mean"]),
+                "std": float(meta["std"]),
+                "class_names": list(meta["class_names"]),
+                **extra,
+            },
+            out,
+        )
 
 
 def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
