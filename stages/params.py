@@ -115,7 +115,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     device: str = rule(choice("auto", "cpu", "cuda"))
-    mixed_precision: str = rule(choice("auto", "on", "off"))
+    mixed_precision: str = rule(choice("auto", "always", "never"))  # not on/off: YAML reads those as booleans
     seed: int = rule(integer(0))
     epochs: int = rule(integer(1, 1000))
     batch_size: int = rule(integer(1, 65536))

@@ -96,7 +96,7 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
 def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.autocast, torch.amp.GradScaler]:
     """Mixed precision where asked ('auto': on CUDA only): bf16 where the device has it, else fp16 with loss
     scaling. Weights, optimiser state and the saved model stay fp32 either way."""
-    enabled = mixed_precision == "on" or (mixed_precision == "auto" and device.type == "cuda")
+    enabled = mixed_precision == "always" or (mixed_precision == "auto" and device.type == "cuda")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         dtype = torch.float16
     else:

@@ -70,8 +70,8 @@ def workdir(tmp_path, monkeypatch):
 # Small enough for the whole pipeline to run in seconds on synthetic data.
 TINY_PARAMS = {
     "preprocess": {"val_size": 60},
-    "model": {"conv_channels": [4, 8], "fc_units": 16},
-    "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
+    "model": {"conv_channels": [4, 8], "fc_units": 16, "dropout": 0.0},
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.01},
     "evaluate": {"batch_size": 64},
 }
 

@@ -28,10 +28,18 @@ def test_every_param_is_documented_with_its_default():
     assert set(documented) <= params, f"README documents params that do not exist: {set(documented) - params}"
 
 
-def test_best_preset_recipe_is_the_one_benchmarked():
+def recipe(pattern: str) -> dict:
+    """The -S overrides of the README's `dvc exp run` line matching `pattern`, as {"section.key": value}."""
+    line = re.search(pattern, README).group(0)
+    return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in re.findall(r"-S (\S+)", line))}
+
+
+def flattened(preset: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in preset.items() for key, value in values.items()}
+
+
+def test_readme_recipes_are_the_ones_benchmarked():
     import benchmark
 
-    recipe = re.search(r"dvc exp run -n best (.+)", README).group(1)
-    overrides = dict(pair.split("=", 1) for pair in re.findall(r"-S (\S+)", recipe))
-    expected = {f"{section}.{key}": value for section, values in benchmark.BEST.items() for key, value in values.items()}
-    assert {key: yaml.safe_load(value) for key, value in overrides.items()} == expected
+    assert recipe(r"dvc exp run -n best .+") == flattened(benchmark.BEST)
+    assert recipe(r"dvc exp run .+mixed_precision=always.*") == flattened(benchmark.FAST)
