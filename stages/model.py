@@ -74,7 +74,10 @@ def normalize(pixels: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 class PixelClassifier(nn.Module):
-    """The network plus its input normalisation: raw uint8 pixels of shape (N, 1, H, W) in, logits out."""
+    """The network plus its input normalisation: pixels on the 0-255 scale, shape (N, 1, H, W), in; logits out.
+
+    Clients send uint8; training also sends the float pixels that rotation and zoom produce.
+    """
 
     def __init__(self, network: CNN, mean: float, std: float):
         super().__init__()
