@@ -115,13 +115,12 @@ def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor)
 
 
 def train(
-    model_params: ModelParams, params: TrainParams, on_epoch: Callable[[dict], None]
+    model_params: ModelParams, params: TrainParams, device: torch.device, on_epoch: Callable[[dict], None]
 ) -> tuple[PixelClassifier, dict, dict]:
     """Fit a new model; after each epoch, on_epoch gets its losses, accuracies and seconds."""
     keep_freed_memory()
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
-    device = pick_device(params.device, "train.device")
     meta = load_meta()
     train_pixels, train_labels = as_tensors("train", device)
     val_pixels, val_labels = as_tensors("val", device)
@@ -187,6 +186,7 @@ def train(
 
 def main() -> None:
     params = load_params()
+    device = pick_device(params.train.device, "train.device")  # before DVCLive clears the last run's logs
     with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
         def log_epoch(result: dict) -> None:
@@ -199,7 +199,7 @@ def main() -> None:
                 f"val loss {result['val/loss']:.4f} acc {result['val/accuracy']:.4f} | {result['seconds']:.1f}s"
             )
 
-        model, architecture, best = train(params.model, params.train, log_epoch)
+        model, architecture, best = train(params.model, params.train, device, log_epoch)
         live.summary["best"] = {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}
     network = model.network.to("cpu", memory_format=torch.contiguous_format)
     with atomic_path(MODEL_FILE) as temp:

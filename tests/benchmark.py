@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
 from stages.export import export_onnx  # noqa: E402
-from stages.model import CNN, load_checkpoint, predict_logits  # noqa: E402
+from stages.model import CNN, load_checkpoint, pick_device, predict_logits  # noqa: E402
 from stages.params import MNIST_FILES, load_params  # noqa: E402
 from stages.prepared import load_meta, load_split  # noqa: E402
 
@@ -128,7 +128,8 @@ def timed_training(model_params, train_params) -> dict:
     """Train as the train stage does; wall seconds include loading the data and validating every epoch."""
     epochs = []
     started = time.perf_counter()
-    model, _, best = train.train(model_params, train_params, epochs.append)
+    device = pick_device(train_params.device, "train.device")
+    model, _, best = train.train(model_params, train_params, device, epochs.append)
     wall = time.perf_counter() - started
     return {
         "wall": wall,

@@ -151,3 +151,16 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
     assert "metrics/eval.json" in metrics_diff and "accuracy" in metrics_diff
     plots = run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
     assert (repo / "plots_html/index.html").exists(), plots
+
+
+def test_bad_param_fails_in_one_line_and_keeps_the_last_results(project):
+    repo, _ = project
+    kept = {path: (repo / path).read_bytes() for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train/metrics.json"]}
+    update_params(repo / "params.yaml", {"train": {"dropout_rate": 0.5}})
+    result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode != 0
+    assert "error: params.yaml: unknown key train.dropout_rate; the keys of 'train' are:" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for path, content in kept.items():
+        assert (repo / path).read_bytes() == content, f"{path} was lost to a failed run"
