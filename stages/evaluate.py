@@ -9,11 +9,10 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from stages.errors import run_stage
 from stages.files import atomic_path, write_json
-from stages.model import load_checkpoint, pick_device, predict_logits
+from stages.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
 from stages.params import load_params
 from stages.prepared import load_split
 
-MODEL_FILE = Path("models/model.pt")
 METRICS_FILE = Path("metrics/eval.json")
 PREDICTIONS_FILE = Path("metrics/predictions.csv")
 

@@ -10,19 +10,21 @@ import torch
 
 from stages.errors import PipelineError, run_stage
 from stages.files import atomic_path, write_json
-from stages.model import PixelClassifier, load_checkpoint, predict_logits
+from stages.model import MODEL_FILE, PixelClassifier, load_checkpoint, predict_logits
 from stages.params import load_params
 from stages.prepared import load_split
 
-MODEL_FILE = Path("models/model.pt")
 ONNX_FILE = Path("models/model.onnx")
 METRICS_FILE = Path("metrics/export.json")
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 VERIFY_BATCH = 1000
 
 
-def export_onnx(model: PixelClassifier, path: Path, opset: int, image_size: int, class_names: list[str]) -> None:
-    """Trace the model with a dynamic batch dimension and write it, weights included, to one file."""
+def export_onnx(model: PixelClassifier, path: Path, opset: int, image_size: int, class_names: list[str]) -> int:
+    """Trace the model with a dynamic batch dimension and write it, weights included, to one file.
+
+    Returns the opset the file declares for the default ONNX domain.
+    """
     example = torch.zeros(2, 1, image_size, image_size, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes about its own internals are not the user's concern
@@ -50,6 +52,7 @@ def export_onnx(model: PixelClassifier, path: Path, opset: int, image_size: int,
     onnx.helper.set_model_props(proto, {"class_names": ",".join(class_names)})
     onnx.checker.check_model(proto)
     onnx.save_model(proto, path)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def onnx_logits(path: Path, pixels: np.ndarray) -> np.ndarray:
@@ -68,7 +71,7 @@ def main() -> None:
     pixels = images[:, None]  # (N, 1, H, W) uint8, exactly what a client sends
 
     with atomic_path(ONNX_FILE) as temp:
-        export_onnx(model, temp, params.opset, images.shape[1], checkpoint["class_names"])
+        opset = export_onnx(model, temp, params.opset, images.shape[1], checkpoint["class_names"])
         reference = predict_logits(model, torch.from_numpy(pixels), VERIFY_BATCH).numpy()
         exported = onnx_logits(temp, pixels)
         max_abs_diff = float(np.abs(exported - reference).max())
@@ -79,7 +82,6 @@ def main() -> None:
                 f"(export.tolerance = {params.tolerance}), {mismatched} different predicted classes; "
                 f"{ONNX_FILE} was not written"
             )
-        opset = next(o.version for o in onnx.load(temp).opset_import if o.domain in ("", "ai.onnx"))
         size = temp.stat().st_size
 
     metrics = {

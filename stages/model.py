@@ -7,6 +7,7 @@ from torch import nn
 
 from stages.errors import PipelineError
 
+MODEL_FILE = Path("models/model.pt")  # written by train, read by evaluate and export
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 

@@ -15,11 +15,10 @@ from tqdm import tqdm
 
 from stages.errors import run_stage
 from stages.files import atomic_path
-from stages.model import CNN, PixelClassifier, pick_device, predict_logits, save_checkpoint
+from stages.model import CNN, MODEL_FILE, PixelClassifier, pick_device, predict_logits, save_checkpoint
 from stages.params import ModelParams, TrainParams, load_params
 from stages.prepared import load_meta, load_split
 
-MODEL_FILE = Path("models/model.pt")
 LIVE_DIR = Path("metrics/train")
 EVAL_BATCH = 1000
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
 from stages.export import export_onnx  # noqa: E402
-from stages.model import CNN, load_checkpoint, pick_device, predict_logits  # noqa: E402
+from stages.model import CNN, MODEL_FILE, load_checkpoint, pick_device, predict_logits  # noqa: E402
 from stages.params import MNIST_FILES, load_params  # noqa: E402
 from stages.prepared import load_meta, load_split  # noqa: E402
 
@@ -169,7 +169,7 @@ def median_latency_ms(predict, pixels: np.ndarray, repeats: int = 300) -> float:
 
 def inference() -> None:
     """models/model.pt in PyTorch eager (as loaded, and in channels-last) against its ONNX export in onnxruntime."""
-    model, checkpoint = load_checkpoint("models/model.pt")
+    model, checkpoint = load_checkpoint(MODEL_FILE)
     images, _ = load_split("test")
     pixels = np.ascontiguousarray(images[:1000, None])
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
