@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmark import TutorialCNN  # the tutorial's model, as the benchmark's baseline runs it
 from stages.errors import PipelineError
 from stages.model import CNN, PixelClassifier, conv_output_size, load_checkpoint, normalize, save_checkpoint
 
@@ -68,20 +69,6 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="not a readable model checkpoint"):
         load_checkpoint(tmp_path / "model.pt")
-
-
-class TutorialCNN(nn.Module):
-    """The classic CNN exactly as tutorials write it: conv → ReLU → pool, twice, then fc → ReLU → fc."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1, self.fc2 = nn.Linear(32 * 7 * 7, 128), nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def test_default_model_computes_the_tutorial_function():
