@@ -1,10 +1,12 @@
 """The params.yaml schema: every key, its type and allowed values, validated in one place before any work."""
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -68,7 +70,17 @@ def list_of(item: Rule, min_len: int, max_len: int) -> Rule:
 
 
 def _is_mirror(value: Any) -> bool:
-    return isinstance(value, str) and value.strip() != ""
+    """A directory, or a URL that urllib can fetch: caught here, a typo such as htp:// would only show mid-download."""
+    if not isinstance(value, str) or value.strip() == "":
+        return False
+    if "://" not in value:
+        return True
+    try:
+        url = urlsplit(value)
+        url.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return url.scheme == "file" or (url.scheme in ("http", "https") and bool(url.hostname))
 
 
 def _is_sha256_table(value: Any) -> bool:
@@ -87,7 +99,10 @@ def rule(r: Rule):
 @dataclass(frozen=True)
 class DownloadParams:
     mirrors: list = rule(
-        Rule("a non-empty list of URLs or directories", lambda v: isinstance(v, list) and v != [] and all(map(_is_mirror, v)))
+        Rule(
+            "a non-empty list of http(s):// or file:// base URLs or directories",
+            lambda v: isinstance(v, list) and v != [] and all(map(_is_mirror, v)),
+        )
     )
     sha256: dict = rule(Rule("a mapping of " + ", ".join(MNIST_FILES) + " to 64 lowercase hex digits", _is_sha256_table))
     timeout: float = rule(number(0, 600, low_open=True))
@@ -154,14 +169,54 @@ class Params:
     export: ExportParams
 
 
+def _closest(word: str, names: list[str], spelling: bool = True) -> str | None:
+    """The name a typo most likely meant: the same name in other case, a similar spelling (optimiser → optimizer),
+    the initials of a spelled-out name (learning_rate → lr), or the one name it extends or begins
+    (dropout_rate → dropout, shift → shift_pixels); None when nothing is that close."""
+    word = word.lower()
+    if word in names:
+        return word
+    similar = difflib.get_close_matches(word, names, n=1, cutoff=0.6) if spelling else []
+    if similar:
+        return similar[0]
+    initials = "".join(part[0] for part in re.split(r"[\W_]+", word) if part)
+    if len(initials) > 1 and initials in names:
+        return initials
+    related = [name for name in names if name.startswith(word + "_") or word.startswith(name + "_")]
+    return related[0] if len(related) == 1 else None
+
+
+def _keys_by_section() -> dict[str, list[str]]:
+    return {s.name: [f.name for f in dataclasses.fields(s.type)] for s in dataclasses.fields(Params)}
+
+
+def _did_you_mean(section: str, key: str) -> str:
+    """' (did you mean section.key?)' for an unknown key, or '': the key as another section has it
+    (train.val_size → preprocess.val_size), a close key of its own section, or a related key of another.
+    Other sections get no spelling matches: across sections those suggest unrelated keys."""
+    keys = _keys_by_section()
+    others = [name for name in keys if name != section]
+    guesses = [(name, key.lower()) for name in [section] + others if key.lower() in keys[name]]
+    guesses += [(section, _closest(key, keys[section]))]
+    guesses += [(name, _closest(key, keys[name], spelling=False)) for name in others]
+    for name, guess in guesses:
+        if guess:
+            return f" (did you mean {name}.{guess}?)"
+    return ""
+
+
 def _section(cls: type, name: str, raw: Any, source: Path):
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: section '{name}' must be a mapping of keys to values, got {raw!r}")
     fields = dataclasses.fields(cls)
     known = [f.name for f in fields]
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted((str(key), key) for key in raw if key not in known)  # str: YAML keys can be numbers or booleans
     if unknown:
-        raise PipelineError(f"{source}: unknown key {name}.{unknown[0]}; the keys of '{name}' are: {', '.join(known)}")
+        word, key = unknown[0]
+        raise PipelineError(
+            f"{source}: unknown key {name}.{word} = {raw[key]!r}{_did_you_mean(name, word)}; "
+            f"the keys of '{name}' are: {', '.join(known)}"
+        )
     values = {}
     for f in fields:
         key = f"{name}.{f.name}"
@@ -173,6 +228,21 @@ def _section(cls: type, name: str, raw: Any, source: Path):
             raise PipelineError(f"{source}: {key} = {value!r} is not allowed; expected {r.allowed}")
         values[f.name] = value
     return cls(**values)
+
+
+def _check_cuda(params: "Params", source: Path) -> None:
+    """A device of 'cuda' must exist on this machine, or the first stage fails instead of the train stage."""
+    devices = {"train.device": params.train.device, "evaluate.device": params.evaluate.device}
+    wanted = [key for key, value in devices.items() if value == "cuda"]
+    if not wanted:
+        return
+    import torch  # here, not at the top: the download stage need not import PyTorch when no one asks for CUDA
+
+    if not torch.cuda.is_available():
+        raise PipelineError(
+            f"{source}: {wanted[0]} = 'cuda' is not allowed: PyTorch sees no CUDA device on this machine; "
+            f"expected auto or cpu"
+        )
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
@@ -187,10 +257,14 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if not isinstance(raw, dict):
         raise PipelineError(f"{path} must be a mapping of sections, got {raw!r}")
     sections = {f.name: f.type for f in dataclasses.fields(Params)}
-    unknown = sorted(set(raw) - set(sections))
+    unknown = sorted(str(name) for name in raw if name not in sections)
     if unknown:
-        raise PipelineError(f"{path}: unknown section '{unknown[0]}'; the sections are: {', '.join(sections)}")
+        guess = _closest(unknown[0], list(sections))
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        raise PipelineError(f"{path}: unknown section '{unknown[0]}'{hint}; the sections are: {', '.join(sections)}")
     missing = [name for name in sections if name not in raw]
     if missing:
         raise PipelineError(f"{path}: missing section '{missing[0]}'")
-    return Params(**{name: _section(cls, name, raw[name], path) for name, cls in sections.items()})
+    params = Params(**{name: _section(cls, name, raw[name], path) for name, cls in sections.items()})
+    _check_cuda(params, path)
+    return params

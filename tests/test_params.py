@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO_ROOT, update_params
@@ -26,15 +27,22 @@ def write_params(path, section, key, value):
     "section, key, value, allowed",
     [
         ("train", "lr", -0.1, "a number in (0, 10]"),
+        ("train", "lr", 0, "a number in (0, 10]"),
+        ("train", "lr", "0.01", "a number in (0, 10]"),
+        ("train", "batch_size", 0, "an integer from 1 to 65536"),
+        ("evaluate", "device", "gpu", "one of auto, cpu, cuda"),
         ("train", "epochs", 2.5, "an integer from 1 to 1000"),
         ("train", "optimizer", "adagrad", "one of adam, adamw, sgd"),
         ("train", "device", "tpu", "one of auto, cpu, cuda"),
         ("model", "activation", "gelu", "one of relu, leaky_relu, tanh, sigmoid"),
         ("model", "conv_channels", [16, 0], "a list of 1 to 4 items"),
         ("model", "dropout", 1.0, "a number in [0, 1)"),
+        ("model", "dropout", -0.1, "a number in [0, 1)"),
         ("model", "batch_norm", "yes", "true or false"),
         ("preprocess", "val_size", 0, "an integer >= 1"),
         ("download", "mirrors", [], "a non-empty list"),
+        ("download", "mirrors", ["htp://example.org/mnist/"], "http(s):// or file:// base URLs or directories"),
+        ("download", "mirrors", ["http://127.0.0.1:port/"], "http(s):// or file:// base URLs or directories"),
         ("export", "opset", 13, "an integer from 18 to 23"),
     ],
 )
@@ -51,14 +59,66 @@ def test_true_is_not_accepted_as_an_integer(tmp_path):
         load_params(write_params(tmp_path / "params.yaml", "train", "epochs", True))
 
 
-def test_unknown_and_missing_keys_are_named(tmp_path):
-    with pytest.raises(PipelineError, match="unknown key train.learning_rate; the keys of 'train' are: device"):
-        load_params(write_params(tmp_path / "params.yaml", "train", "learning_rate", 0.1))
+@pytest.mark.parametrize(
+    "section, key, suggestion",
+    [
+        ("train", "learning_rat", "train.lr"),  # the initials of a spelled-out name
+        ("train", "optimiser", "train.optimizer"),  # a close spelling
+        ("train", "batchsize", "train.batch_size"),
+        ("train", "dropout", "model.dropout"),  # a key of another section
+        ("train", "val_size", "preprocess.val_size"),
+        ("model", "dropout_rate", "model.dropout"),  # a key with a suffix
+        ("train", "shift", "train.shift_pixels"),  # a key cut short
+    ],
+)
+def test_unknown_key_suggests_the_closest_valid_key(tmp_path, section, key, suggestion):
+    with pytest.raises(PipelineError) as raised:
+        load_params(write_params(tmp_path / "params.yaml", section, key, 0.1))
+    assert str(raised.value).startswith(
+        f"{tmp_path / 'params.yaml'}: unknown key {section}.{key} = 0.1 (did you mean {suggestion}?); "
+        f"the keys of '{section}' are: "
+    )
+
+
+def test_unknown_key_without_a_close_match_lists_the_valid_keys(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown key train.colour = 'red'; the keys of 'train' are: device, "):
+        load_params(write_params(tmp_path / "params.yaml", "train", "colour", "red"))
+
+
+def test_non_string_keys_are_reported_not_crashed_on(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text() + "  7: x\n  true: y\n")
+    with pytest.raises(PipelineError, match=r"unknown key export.7 = 'x'; the keys of 'export' are"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_unknown_section_suggests_the_closest(tmp_path):
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["trian"] = params.pop("train")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError, match=r"unknown section 'trian' \(did you mean 'train'\?\); the sections are: download,"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_missing_key_is_named_with_what_is_expected(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     del params["model"]["dropout"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(PipelineError, match="missing key model.dropout"):
+    with pytest.raises(PipelineError, match=r"missing key model.dropout \(expected a number in \[0, 1\)\)"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("section", ["train", "evaluate"])
+def test_cuda_without_a_cuda_device_is_refused_before_any_work(tmp_path, monkeypatch, section):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_params(tmp_path / "params.yaml", section, "device", "cuda")
+    with pytest.raises(PipelineError) as raised:
+        load_params(path)
+    assert str(raised.value) == (
+        f"{path}: {section}.device = 'cuda' is not allowed: PyTorch sees no CUDA device on this machine; "
+        f"expected auto or cpu"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert getattr(load_params(path), section).device == "cuda"
 
 
 def test_unparseable_yaml_is_a_clear_error(tmp_path):

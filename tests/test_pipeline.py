@@ -160,7 +160,7 @@ def test_bad_param_fails_in_one_line_and_keeps_the_last_results(project):
     result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode != 0
-    assert "error: params.yaml: unknown key train.dropout_rate; the keys of 'train' are:" in result.stdout + result.stderr
+    assert "error: params.yaml: unknown key train.dropout_rate = 0.5 (did you mean model.dropout?); the keys of 'train' are:" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     for path, content in kept.items():
         assert (repo / path).read_bytes() == content, f"{path} was lost to a failed run"
