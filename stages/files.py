@@ -24,6 +24,12 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
             os.unlink(temp)
 
 
+def remove_stale_temp_files(directory: Path | str) -> None:
+    """Delete the temp files a killed process left in `directory`: never part of an output."""
+    for leftover in Path(directory).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def write_json(target: Path | str, data: dict) -> None:
     with atomic_path(target) as temp:
         temp.write_text(json.dumps(data, indent=2) + "\n")

@@ -131,6 +131,8 @@ class ModelParams:
 class TrainParams:
     device: str = rule(choice("auto", "cpu", "cuda"))
     mixed_precision: str = rule(choice("auto", "always", "never"))  # not on/off: YAML reads those as booleans
+    threads: int = rule(integer(0, 1024))
+    compile: bool = rule(boolean())
     seed: int = rule(integer(0))
     epochs: int = rule(integer(1, 1000))
     batch_size: int = rule(integer(1, 65536))

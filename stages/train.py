@@ -3,7 +3,10 @@
 import copy
 import ctypes
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,13 +16,15 @@ import torch.nn.functional as F
 from dvclive import Live
 from tqdm import tqdm
 
-from stages.errors import run_stage
-from stages.files import atomic_path
+from stages.errors import PipelineError, run_stage
+from stages.files import atomic_path, remove_stale_temp_files
 from stages.model import CNN, MODEL_FILE, PixelClassifier, pick_device, predict_logits, save_checkpoint
-from stages.params import ModelParams, TrainParams, load_params
+from stages.params import ModelParams, Params, TrainParams, load_params
 from stages.prepared import load_meta, load_split
 
 LIVE_DIR = Path("metrics/train")
+# The state after the last finished epoch, so a killed run resumes; deleted once model.pt is written.
+RESUME_FILE = Path("models/train_state.pt")
 EVAL_BATCH = 1000
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 
@@ -38,6 +43,12 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def use_threads(threads: int) -> int:
+    """Set PyTorch's CPU thread count (0: every core this process may run on) and return it."""
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
 def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as uint8 pixels (N, 1, H, W) and int64 labels, resident on the training device."""
     images, labels = load_split(split)
@@ -48,13 +59,15 @@ def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generato
     """Translate each image by its own random offset in [-max_shift, max_shift]² pixels, filling with black.
 
     Never a flip, and rotations stay small (train.rotate_degrees): either can turn a digit into another.
+    The generator lives on the pixels' device, so on a GPU the augmentation never touches the host.
     """
     n, _, height, width = pixels.shape
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(pixels.device)
-    rows = offsets[0] + torch.arange(height, device=pixels.device)  # (n, height)
-    cols = offsets[1] + torch.arange(width, device=pixels.device)  # (n, width)
+    device = pixels.device
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator, device=device)
+    rows = offsets[0] + torch.arange(height, device=device)  # (n, height)
+    cols = offsets[1] + torch.arange(width, device=device)  # (n, width)
     padded = F.pad(pixels[:, 0], (max_shift,) * 4)
-    batch = torch.arange(n, device=pixels.device)[:, None, None]
+    batch = torch.arange(n, device=device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
@@ -62,23 +75,29 @@ def random_affine(pixels: torch.Tensor, max_degrees: float, max_zoom: float, gen
     """Rotate each image about its centre by a random angle in ±max_degrees and zoom it by a random factor
     in 1 ± max_zoom, bilinearly; returns float pixels on the same 0-255 scale, black where the border shows.
     """
-    n = len(pixels)
-    angles = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
-    zooms = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_zoom
-    cos, sin, zero = angles.cos() / zooms, angles.sin() / zooms, torch.zeros(n)
+    n, device = len(pixels), pixels.device
+    angles = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(max_degrees)
+    zooms = 1 + (torch.rand(n, generator=generator, device=device) * 2 - 1) * max_zoom
+    cos, sin, zero = angles.cos() / zooms, angles.sin() / zooms, torch.zeros(n, device=device)
     # theta maps each output pixel to where it samples the input: a rotation scaled by 1/zoom.
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(pixels.device), list(pixels.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
     return F.grid_sample(pixels.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     if params.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(), lr=params.lr, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay
         )
     optimizer = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(model.parameters(), lr=params.lr, betas=tuple(params.betas), weight_decay=params.weight_decay)
+    return optimizer(
+        model.parameters(),
+        lr=params.lr,
+        betas=tuple(params.betas),
+        weight_decay=params.weight_decay,
+        fused=device.type == "cuda",  # one kernel for every parameter's update instead of several per tensor
+    )
 
 
 def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -113,13 +132,44 @@ def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def run_fingerprint(model_params: ModelParams, params: TrainParams, train_pixels: torch.Tensor, threads: int) -> str:
+    """What a resumed run must share with the run that saved its state: params, thread count and training data."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(model_params), dataclasses.asdict(params), threads]).encode())
+    digest.update(train_pixels.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_resume_state(path: Path, fingerprint: str) -> dict | None:
+    """The saved state of an interrupted run with the same fingerprint; anything else is reported and ignored."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file costs a fresh start, not the run
+        print(f"ignoring {path}: not a readable training state ({error}); starting from epoch 1")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"ignoring {path}: it comes from other params, threads or data; starting from epoch 1")
+        return None
+    return state
+
+
 def train(
-    model_params: ModelParams, params: TrainParams, device: torch.device, on_epoch: Callable[[dict], None]
+    model_params: ModelParams,
+    params: TrainParams,
+    device: torch.device,
+    on_epoch: Callable[[dict, PixelClassifier], None],
+    resume_file: Path | None = None,
 ) -> tuple[PixelClassifier, dict, dict]:
-    """Fit a new model; after each epoch, on_epoch gets its losses, accuracies and seconds."""
+    """Fit a new model; after each epoch, on_epoch gets its losses, accuracies and seconds, and the model.
+
+    With resume_file, the state after each epoch is saved there, and a run with the same fingerprint
+    carries on from it, replaying the saved epochs' results to on_epoch first.
+    """
     keep_freed_memory()
+    threads = use_threads(params.threads)
     torch.manual_seed(params.seed)
-    generator = torch.Generator().manual_seed(params.seed)
+    generator = torch.Generator(device).manual_seed(params.seed)
     meta = load_meta()
     train_pixels, train_labels = as_tensors("train", device)
     val_pixels, val_labels = as_tensors("val", device)
@@ -132,16 +182,35 @@ def train(
     network = CNN(**architecture)
     model = PixelClassifier(network, meta["mean"], meta["std"]).to(device, memory_format=torch.channels_last)
     steps_per_epoch = -(-len(train_labels) // params.batch_size)
-    optimizer = make_optimizer(params, model)
+    optimizer = make_optimizer(params, model, device)
     schedule = make_schedule(params, optimizer, params.epochs * steps_per_epoch)
     autocast, scaler = autocast_for(device, params.mixed_precision)
-    print(f"training on {device}: {len(train_labels)} images, {sum(p.numel() for p in model.parameters())} parameters")
+    step_model = torch.compile(model) if params.compile else model
+    print(f"training on {device} ({threads} CPU threads): {len(train_labels)} images, "
+          f"{sum(p.numel() for p in model.parameters())} parameters")
 
     best = {"val_accuracy": -1.0}
-    for epoch in range(1, params.epochs + 1):
+    history: list[dict] = []
+    fingerprint = run_fingerprint(model_params, params, train_pixels, threads) if resume_file else ""
+    saved = load_resume_state(resume_file, fingerprint) if resume_file else None
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        generator.set_state(saved["generator"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        best, history = saved["best"], saved["history"]
+        print(f"resuming from {resume_file}: epochs 1-{len(history)} of {params.epochs} already done")
+        for result in history:
+            on_epoch(result, model)
+
+    for epoch in range(len(history) + 1, params.epochs + 1):
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(train_labels), generator=generator).to(device)
+        order = torch.randperm(len(train_labels), generator=generator, device=device)
         # Summed as tensors and read once per epoch: a .item() per step would add a host round-trip on CUDA.
         total_loss = torch.zeros((), device=device, dtype=torch.float64)
         total_correct = torch.zeros((), device=device, dtype=torch.long)
@@ -154,7 +223,7 @@ def train(
             if params.shift_pixels:
                 pixels = random_shift(pixels, params.shift_pixels, generator)
             with autocast:
-                logits = model(pixels.contiguous(memory_format=torch.channels_last))
+                logits = step_model(pixels.contiguous(memory_format=torch.channels_last))
                 loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -166,29 +235,47 @@ def train(
         seconds = time.perf_counter() - started
 
         val_loss, val_accuracy = evaluate(model, val_pixels, val_labels)
-        on_epoch(
-            {
-                "epoch": epoch,
-                "train/loss": total_loss.item() / len(train_labels),
-                "train/accuracy": total_correct.item() / len(train_labels),
-                "val/loss": val_loss,
-                "val/accuracy": val_accuracy,
-                "seconds": seconds,
-            }
-        )
+        result = {
+            "epoch": epoch,
+            "train/loss": total_loss.item() / len(train_labels),
+            "train/accuracy": total_correct.item() / len(train_labels),
+            "val/loss": val_loss,
+            "val/accuracy": val_accuracy,
+            "seconds": seconds,
+        }
+        history.append(result)
         if val_accuracy > best["val_accuracy"]:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "state_dict": copy.deepcopy(network.state_dict())}
+        if resume_file:
+            with atomic_path(resume_file) as temp:
+                torch.save(
+                    {
+                        "fingerprint": fingerprint,
+                        "history": history,
+                        "best": best,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "generator": generator.get_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0),
+                    },
+                    temp,
+                )
+        on_epoch(result, model)
 
-    network.load_state_dict(best.pop("state_dict"))
-    return model, architecture, {**best, "device": device.type}
+    network.load_state_dict(best["state_dict"])
+    return model, architecture, {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "device": device.type}
 
 
 def main() -> None:
-    params = load_params()
+    params: Params = load_params()
     device = pick_device(params.train.device, "train.device")  # before DVCLive clears the last run's logs
+    remove_stale_temp_files(MODEL_FILE.parent)  # from a run killed mid-write; never part of an output
     with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
-        def log_epoch(result: dict) -> None:
+        def log_epoch(result: dict, model: PixelClassifier) -> None:
             for name in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
                 live.log_metric(name, round(result[name], 6))
             live.next_step()
@@ -198,11 +285,16 @@ def main() -> None:
                 f"val loss {result['val/loss']:.4f} acc {result['val/accuracy']:.4f} | {result['seconds']:.1f}s"
             )
 
-        model, architecture, best = train(params.model, params.train, device, log_epoch)
+        try:
+            model, architecture, best = train(params.model, params.train, device, log_epoch, RESUME_FILE)
+        except KeyboardInterrupt:
+            hint = f"run it again with the same params to resume from {RESUME_FILE}" if RESUME_FILE.exists() else ""
+            raise KeyboardInterrupt(f"training stopped; {hint}" if hint else "training stopped before its first epoch ended") from None
         live.summary["best"] = {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}
     network = model.network.to("cpu", memory_format=torch.contiguous_format)
     with atomic_path(MODEL_FILE) as temp:
         save_checkpoint(temp, network, architecture, load_meta(), extra=best)
+    RESUME_FILE.unlink(missing_ok=True)
     print(f"kept epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}) in {MODEL_FILE}")
 
 

@@ -129,7 +129,7 @@ def timed_training(model_params, train_params) -> dict:
     epochs = []
     started = time.perf_counter()
     device = pick_device(train_params.device, "train.device")
-    model, _, best = train.train(model_params, train_params, device, epochs.append)
+    model, _, best = train.train(model_params, train_params, device, lambda result, _: epochs.append(result))
     wall = time.perf_counter() - started
     return {
         "wall": wall,

@@ -1,13 +1,18 @@
-"""The training stage: shift augmentation, and reproducible training from params on a small synthetic set."""
+"""The training stage: augmentation, reproducible training on a small synthetic set, and resuming after a crash."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import TINY_PARAMS, update_params, write_synthetic_mnist
+from conftest import REPO_ROOT, TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import preprocess, train
-from stages.errors import PipelineError
+from stages.errors import run_stage
 
 
 def test_random_shift_moves_each_image_by_at_most_the_limit():
@@ -49,15 +54,6 @@ def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
     assert first["val_accuracy"] == pytest.approx(best_from_curve, abs=1e-6)
 
 
-def test_asking_for_cuda_without_one_is_a_clear_error(workdir, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {"device": "cuda"}})
-    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
-    with pytest.raises(PipelineError, match="train.device = 'cuda' but PyTorch sees no CUDA device"):
-        train.main()
-
-
 def test_zero_rotation_and_zoom_is_the_identity():
     pixels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     rotated = train.random_affine(pixels, 0, 0, torch.Generator().manual_seed(0))
@@ -83,3 +79,111 @@ def test_zoom_scales_about_the_centre_within_the_limit():
     sides = [(image[0, 14] > 127).sum().item() for image in zoomed]
     assert min(sides) >= 20 * 0.8 - 1 and max(sides) <= 20 * 1.2 + 1
     assert min(sides) < 19 and max(sides) > 21, "both zooming in and zooming out happen"
+
+
+RESUMABLE_PARAMS = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 6}}
+
+
+def prepared_workdir(root, name: str):
+    """A working directory with params.yaml and data/prepared/ for RESUMABLE_PARAMS, built by the stages."""
+    work = root / name
+    (work / "data").mkdir(parents=True)
+    (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    update_params(work / "params.yaml", RESUMABLE_PARAMS)
+    write_synthetic_mnist(work / "data/raw", train=2000, test=100)
+    subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=work, env=STAGE_ENV, check=True, capture_output=True)
+    return work
+
+
+def train_outputs(work) -> dict:
+    """Every file the train stage writes, as bytes."""
+    files = [work / "models/model.pt", *sorted((work / "metrics/train").rglob("*.*"))]
+    return {str(f.relative_to(work)): f.read_bytes() for f in files}
+
+
+STAGE_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1"}
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
+    uninterrupted = prepared_workdir(tmp_path, "uninterrupted")
+    subprocess.run([sys.executable, "-m", "stages.train"], cwd=uninterrupted, env=STAGE_ENV, check=True, capture_output=True)
+    assert not (uninterrupted / train.RESUME_FILE).exists(), "a finished run leaves no training state behind"
+
+    work = prepared_workdir(tmp_path, "killed")
+    state = work / train.RESUME_FILE
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=work, env=STAGE_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "killed before training finished"
+    assert not (work / "models/model.pt").exists(), "no model, rather than half a model"
+    epochs_done = len(torch.load(state, weights_only=True)["history"])
+    assert 1 <= epochs_done < RESUMABLE_PARAMS["train"]["epochs"]
+
+    resumed = subprocess.run([sys.executable, "-m", "stages.train"], cwd=work, env=STAGE_ENV, check=True,
+                             capture_output=True, text=True)
+    assert f"epochs 1-{epochs_done} of 6 already done" in resumed.stdout
+    assert train_outputs(work) == train_outputs(uninterrupted), "model weights and every metric identical"
+    assert not state.exists() and not list((work / "models").glob(".*.tmp"))
+
+
+def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
+    """Make Ctrl-C arrive during the given epoch's validation, after the previous epoch's state was saved."""
+    evaluate, calls = train.evaluate, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+
+
+@pytest.fixture
+def resumable_workdir(workdir):
+    update_params(workdir / "params.yaml", RESUMABLE_PARAMS)
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main()
+    return workdir
+
+
+def test_ctrl_c_stops_in_one_line_and_a_rerun_resumes_from_the_last_epoch(resumable_workdir, monkeypatch, capsys):
+    train.main()
+    uninterrupted = train_outputs(resumable_workdir)
+
+    with monkeypatch.context() as patch:
+        interrupt_in_epoch(patch, 3)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            run_stage(train.main)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == (
+        f"interrupted: training stopped; run it again with the same params to resume from {train.RESUME_FILE}\n"
+    )
+
+    train.main()
+    assert "epochs 1-2 of 6 already done" in capsys.readouterr().out
+    assert train_outputs(resumable_workdir) == uninterrupted
+
+
+def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resumed(resumable_workdir, monkeypatch, capsys):
+    train.main()
+    fresh = train_outputs(resumable_workdir)
+
+    update_params(resumable_workdir / "params.yaml", {"train": {"lr": 0.02}})
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_in_epoch(patch, 3)
+        train.main()
+    update_params(resumable_workdir / "params.yaml", {"train": {"lr": RESUMABLE_PARAMS["train"]["lr"]}})
+    capsys.readouterr()
+    train.main()
+    assert "comes from other params, threads or data; starting from epoch 1" in capsys.readouterr().out
+    assert train_outputs(resumable_workdir) == fresh
+
+    (resumable_workdir / train.RESUME_FILE).write_bytes(b"not a checkpoint")
+    train.main()
+    assert "not a readable training state" in capsys.readouterr().out
+    assert train_outputs(resumable_workdir) == fresh
