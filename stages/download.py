@@ -74,6 +74,8 @@ def fetch(url: str, destination: Path, timeout: float) -> None:
         # file:// URLs report a missing file this way; retrying will not make it appear.
         permanent = isinstance(error.reason, FileNotFoundError)
         raise DownloadFailed(str(error.reason), permanent=permanent) from None
+    except (ValueError, http.client.InvalidURL) as error:  # a malformed URL in MNIST_PIPELINE_MIRRORS
+        raise DownloadFailed(f"not a valid URL ({error})", permanent=True) from None
     except (OSError, http.client.HTTPException, TimeoutError) as error:
         raise DownloadFailed(f"{type(error).__name__}: {error}", permanent=False) from None
 
@@ -123,6 +125,9 @@ def main() -> None:
     params = load_params().download
     mirrors = mirrors_to_try(params.mirrors)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    # Temp files of a run that was killed mid-download: never part of the output, even if this run fails too.
+    for leftover in OUTPUT_DIR.glob(".*.tmp"):
+        leftover.unlink()
     for name, expected in params.sha256.items():
         if already_verified(OUTPUT_DIR / name, expected):
             print(f"{name}: already present and verified")
@@ -131,8 +136,6 @@ def main() -> None:
         print(f"{name}: verified, from {url}")
         working = url.removesuffix(name)
         mirrors = [working] + [m for m in mirrors if m != working]  # spare the next files the dead mirrors
-    for leftover in OUTPUT_DIR.glob(".*.tmp"):  # from a run killed mid-download; never part of the output
-        leftover.unlink()
 
 
 if __name__ == "__main__":

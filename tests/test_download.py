@@ -2,15 +2,21 @@
 
 import dataclasses
 import gzip
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from conftest import write_synthetic_mnist
+from conftest import REPO_ROOT, QuietHandler, serving, update_params, write_synthetic_mnist
 from stages import download
 from stages.errors import PipelineError
 from stages.params import MNIST_FILES, load_params
 
 NAME = MNIST_FILES[1]
+STAGE_ENV = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}  # a stage as DVC runs it, minus the mirrors variable
 
 
 @pytest.fixture
@@ -105,3 +111,115 @@ def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):
     monkeypatch.setattr(download, "load_params", lambda: _params_with(hashes, [urls["missing"], urls["good"]]))
     download.main()
     assert tried == [urls["missing"] + MNIST_FILES[0]] + [urls["good"] + name for name in MNIST_FILES]
+
+
+# Each way a mirror can fail, and the words the error gives for it. "refused" is a port nobody listens on;
+# the others are paths of FaultyHandler. Transient faults are worth retrying on the same mirror; the rest are not.
+FAULTS = {
+    "refused": ("Connection refused", "transient"),
+    "timeout": ("timed out", "transient"),
+    "404": ("HTTP 404", "permanent"),
+    "500": ("HTTP 500", "transient"),
+    "truncated": ("connection closed after", "transient"),
+    "cut": ("not a complete gzip file", "permanent"),
+    "wrong": ("content SHA-256 is", "permanent"),
+    "notgzip": ("not a complete gzip file", "permanent"),
+}
+TIMEOUT = 0.2  # download.timeout in these tests: the slow mirror answers after STALL
+STALL = 1.0
+
+
+class FaultyHandler(QuietHandler):
+    """Serves good/<name> as <fault>/<name>, failing in that fault's way; logs each path it is asked for."""
+
+    requested: list[str]
+
+    def do_GET(self):
+        self.requested.append(self.path)
+        fault, _, name = self.path.strip("/").partition("/")
+        if fault == "good":
+            return super().do_GET()
+        good = (Path(self.directory) / "good" / name).read_bytes()
+        if fault == "timeout":
+            threading.Event().wait(STALL)  # then hang up without a word; not time.sleep, which tests stub out
+            return
+        if fault in ("404", "500"):
+            self.send_error(int(fault))
+            return
+        body = {
+            "truncated": good,  # only half of it is sent, below
+            "cut": good[: len(good) // 2],  # a complete response holding an incomplete gzip
+            "wrong": (Path(self.directory) / "good" / sibling(name)).read_bytes(),  # another file of the set
+            "notgzip": b"<html><body>This mirror has moved.</body></html>",
+        }[fault]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if fault == "truncated" else body)
+        self.close_connection = True
+
+
+def sibling(name: str) -> str:
+    return MNIST_FILES[(MNIST_FILES.index(name) + 1) % len(MNIST_FILES)]
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def faulty(tmp_path, workdir):
+    """A server with one good mirror and one per fault; yields ({fault or 'good': base URL}, hashes, requested paths)."""
+    root = tmp_path / "faulty"
+    hashes = write_synthetic_mnist(root / "good")
+    handler = type("Handler", (FaultyHandler,), {"requested": []})
+    with serving(root, handler) as url:
+        urls = {fault: f"{url}/{fault}/" for fault in [*FAULTS, "good"]}
+        urls["refused"] = f"http://127.0.0.1:{unused_port()}/"
+        yield urls, hashes, handler.requested
+
+
+def files_in(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_each_mirror_fault_is_detected_named_and_retried_only_if_transient(faulty, monkeypatch, fault):
+    urls, hashes, requested = faulty
+    monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
+    with pytest.raises(PipelineError) as raised:
+        download.download_file(NAME, hashes[NAME], [urls[fault]], TIMEOUT, retries=1)
+    words, kind = FAULTS[fault]
+    assert f"{urls[fault]}{NAME}: " in str(raised.value) and words in str(raised.value)
+    if fault != "refused":
+        assert len(requested) == (2 if kind == "transient" else 1)
+    assert files_in(download.OUTPUT_DIR) == [], "no partial or temp file may be left behind"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fault):
+    urls, hashes, _ = faulty
+    assert download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0) == urls["good"] + NAME
+    assert files_in(download.OUTPUT_DIR) == [NAME]
+    assert download.content_sha256(download.OUTPUT_DIR / NAME) == hashes[NAME]
+
+
+def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty):
+    urls, hashes, _ = faulty
+    mirrors = [urls[fault] for fault in FAULTS]
+    update_params(Path("params.yaml"), {"download": {"mirrors": mirrors, "sha256": hashes, "timeout": TIMEOUT, "retries": 0}})
+    download.OUTPUT_DIR.mkdir(parents=True)
+    (download.OUTPUT_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
+    result = subprocess.run([sys.executable, "-m", "stages.download"], capture_output=True, text=True, env=STAGE_ENV)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: could not download {MNIST_FILES[0]} from any mirror. Tried:\n")
+    for fault, (words, _) in FAULTS.items():
+        assert f"  {urls[fault]}{MNIST_FILES[0]}: " in result.stderr and words in result.stderr
+    assert files_in(download.OUTPUT_DIR) == [], "neither a bad download nor an old temp file may remain"
+
+
+def test_malformed_mirror_url_from_the_environment_is_a_clear_failure(workdir):
+    with pytest.raises(PipelineError, match=r"http://\[::1/train-labels-idx1-ubyte.gz: not a valid URL"):
+        download.download_file(NAME, "0" * 64, ["http://[::1/"], TIMEOUT, retries=1)
