@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages.errors import PipelineError, run_stage
-from stages.files import atomic_path
+from stages.files import atomic_path, remove_stale_temp_files
 from stages.params import load_params
 
 OUTPUT_DIR = Path("data/raw")
@@ -125,9 +125,7 @@ def main() -> None:
     params = load_params().download
     mirrors = mirrors_to_try(params.mirrors)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    # Temp files of a run that was killed mid-download: never part of the output, even if this run fails too.
-    for leftover in OUTPUT_DIR.glob(".*.tmp"):
-        leftover.unlink()
+    remove_stale_temp_files(OUTPUT_DIR)  # of a run killed mid-download: first, so none survives a failed run either
     for name, expected in params.sha256.items():
         if already_verified(OUTPUT_DIR / name, expected):
             print(f"{name}: already present and verified")
