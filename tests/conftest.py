@@ -5,6 +5,8 @@ import functools
 import gzip
 import hashlib
 import http.server
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +77,18 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     monkeypatch.delenv("MNIST_PIPELINE_MIRRORS", raising=False)
     return work
+
+
+def run_stage_cli(stage: str) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage>` in the current directory, as DVC runs it, without MNIST_PIPELINE_MIRRORS."""
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], capture_output=True, text=True, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, start: str) -> None:
+    """The contract of stages/errors.py: exit status 1 and one line on stderr, `error: ...`, no traceback."""
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"error: {start}") and result.stderr.count("\n") == 1, result.stderr
 
 
 # Small enough for the whole pipeline to run in seconds on synthetic data.

@@ -3,20 +3,17 @@
 import dataclasses
 import gzip
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, QuietHandler, serving, update_params, write_synthetic_mnist
+from conftest import QuietHandler, run_stage_cli, serving, update_params, write_synthetic_mnist
 from stages import download
 from stages.errors import PipelineError
 from stages.params import MNIST_FILES, load_params
 
 NAME = MNIST_FILES[1]
-STAGE_ENV = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}  # a stage as DVC runs it, minus the mirrors variable
 
 
 @pytest.fixture
@@ -212,7 +209,7 @@ def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty)
     update_params(Path("params.yaml"), {"download": {"mirrors": mirrors, "sha256": hashes, "timeout": TIMEOUT, "retries": 0}})
     download.OUTPUT_DIR.mkdir(parents=True)
     (download.OUTPUT_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
-    result = subprocess.run([sys.executable, "-m", "stages.download"], capture_output=True, text=True, env=STAGE_ENV)
+    result = run_stage_cli("download")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: could not download {MNIST_FILES[0]} from any mirror. Tried:\n")
     for fault, (words, _) in FAULTS.items():

@@ -1,13 +1,10 @@
 """params.yaml validation: the shipped file is valid; a wrong value names the key, the value and what is allowed."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, update_params
+from conftest import REPO_ROOT, run_stage_cli, update_params
 from stages.errors import PipelineError
 from stages.params import load_params
 
@@ -129,10 +126,7 @@ def test_unparseable_yaml_is_a_clear_error(tmp_path):
 
 def test_stage_reports_a_bad_param_in_one_line_without_traceback(workdir):
     write_params(workdir / "params.yaml", "train", "lr", "fast")
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.download"], capture_output=True, text=True, cwd=workdir,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    result = run_stage_cli("download")
     assert result.returncode == 1
     assert result.stderr == "error: params.yaml: train.lr = 'fast' is not allowed; expected a number in (0, 10]\n"
     assert not (workdir / "data").exists(), "nothing may be written before the params are valid"
