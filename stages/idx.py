@@ -1,6 +1,7 @@
 """The IDX file format of MNIST: a strict reader that rejects corrupt or truncated files, and a writer."""
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -16,11 +17,16 @@ def read_idx(path: Path | str) -> np.ndarray:
     """Read a (gzipped, if the name ends in .gz) IDX file of unsigned bytes into an array of its shape."""
     path = Path(path)
     try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"{path} not found") from None
-    except (OSError, EOFError, zlib.error) as error:
-        raise PipelineError(f"{path} is corrupt: not a complete gzip file ({error})") from None
+    except OSError as error:
+        raise PipelineError(f"{path} cannot be read ({error.strerror or error})") from None
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as error:
+            raise PipelineError(f"{path} is corrupt: not a complete gzip file ({error})") from None
     return parse_idx(data, str(path))
 
 
@@ -36,7 +42,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(data) < header:
         raise PipelineError(f"{name} is truncated: the header needs {header} bytes, the file has {len(data)}")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # exact: a corrupt header's dimensions can overflow a fixed-width product
     actual = len(data) - header
     if actual < expected:
         raise PipelineError(f"{name} is truncated: shape {shape} needs {expected} bytes of data, found {actual}")

@@ -14,28 +14,33 @@ CLASS_NAMES = [str(digit) for digit in range(10)]
 
 
 def load_images_and_labels(images_file: str, labels_file: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = read_idx(RAW_DIR / images_file), read_idx(RAW_DIR / labels_file)
+    """A pair of IDX files, checked against each other; every error names the file at fault."""
+    images_path, labels_path = RAW_DIR / images_file, RAW_DIR / labels_file
+    images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
-        raise PipelineError(f"{images_file} holds an array of shape {images.shape}; expected (count, height, width)")
+        raise PipelineError(f"{images_path} holds an array of shape {images.shape}; expected (count, height, width)")
     if labels.ndim != 1:
-        raise PipelineError(f"{labels_file} holds an array of shape {labels.shape}; expected (count,)")
+        raise PipelineError(f"{labels_path} holds an array of shape {labels.shape}; expected (count,)")
     if len(images) != len(labels):
-        raise PipelineError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+        raise PipelineError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     if len(labels) and labels.max() >= len(CLASS_NAMES):
-        raise PipelineError(f"{labels_file} has label {labels.max()}; expected 0 to {len(CLASS_NAMES) - 1}")
+        raise PipelineError(f"{labels_path} has label {labels.max()}; expected 0 to {len(CLASS_NAMES) - 1}")
     return images, labels
 
 
 def split_indices(count: int, val_size: int, train_limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded disjoint (train, validation) index sets; train_limit > 0 subsamples the training part."""
     if val_size >= count:
-        raise PipelineError(f"preprocess.val_size = {val_size} must be smaller than the {count} training images")
+        raise PipelineError(
+            f"preprocess.val_size = {val_size} is too large for the {count} training images; "
+            f"expected at most {count - 1}, to leave some for training"
+        )
     order = np.random.default_rng(seed).permutation(count)
     val, train = order[:val_size], order[val_size:]
     if train_limit > len(train):
         raise PipelineError(
             f"preprocess.train_limit = {train_limit} exceeds the {len(train)} training images left after "
-            f"the validation split; use 0 for all of them"
+            f"the validation split; expected at most {len(train)}, or 0 for all of them"
         )
     if train_limit:
         train = train[:train_limit]
@@ -48,9 +53,14 @@ def main() -> None:
     images, labels = load_images_and_labels(train_images_file, train_labels_file)
     test_images, test_labels = load_images_and_labels(test_images_file, test_labels_file)
     if images.shape[1:] != test_images.shape[1:]:
-        raise PipelineError(f"training images are {images.shape[1:]} but test images are {test_images.shape[1:]}")
+        raise PipelineError(
+            f"{RAW_DIR / train_images_file} holds {images.shape[1]}x{images.shape[2]} images but "
+            f"{RAW_DIR / test_images_file} holds {test_images.shape[1]}x{test_images.shape[2]}; expected the same size"
+        )
     if images.shape[1] != images.shape[2]:
-        raise PipelineError(f"images are {images.shape[1]}x{images.shape[2]}; the CNN expects square images")
+        raise PipelineError(
+            f"{RAW_DIR / train_images_file} holds {images.shape[1]}x{images.shape[2]} images; the CNN expects square images"
+        )
 
     train, val = split_indices(len(images), params.val_size, params.train_limit, params.seed)
     splits = {

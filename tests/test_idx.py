@@ -34,6 +34,8 @@ def test_uncompressed_file_is_read_too(tmp_path):
         (bytes([0, 0, 8, 3]) + struct.pack(">I", 2), "header needs 16 bytes"),
         (bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 28, 28) + bytes(1000), "truncated: shape (2, 28, 28) needs 1568"),
         (bytes([0, 0, 8, 1]) + struct.pack(">I", 2) + bytes(5), "3 bytes after the data"),
+        # dimensions whose product overflows 64 bits must still be counted exactly
+        (bytes([0, 0, 8, 3]) + struct.pack(">3I", *[2**32 - 1] * 3) + bytes(3), f"needs {(2**32 - 1) ** 3} bytes of data, found 3"),
     ],
 )
 def test_malformed_content_is_rejected_with_its_reason(data, message):
@@ -59,3 +61,9 @@ def test_gzip_of_a_truncated_idx_is_a_clear_error(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
         read_idx(tmp_path / "absent.gz")
+
+
+def test_unreadable_path_is_a_clear_error(tmp_path):
+    (tmp_path / "images.gz").mkdir()
+    with pytest.raises(PipelineError, match=r"images.gz cannot be read \(Is a directory\)"):
+        read_idx(tmp_path / "images.gz")
