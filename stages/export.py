@@ -8,7 +8,7 @@ import onnx
 import onnxruntime
 import torch
 
-from stages.errors import PipelineError, run_stage
+from stages.errors import PipelineError, gist, run_stage
 from stages.files import atomic_path, write_json
 from stages.model import MODEL_FILE, PixelClassifier, load_checkpoint, predict_logits
 from stages.params import load_params
@@ -73,7 +73,10 @@ def main() -> None:
     with atomic_path(ONNX_FILE) as temp:
         opset = export_onnx(model, temp, params.opset, images.shape[1], checkpoint["class_names"])
         reference = predict_logits(model, torch.from_numpy(pixels), VERIFY_BATCH).numpy()
-        exported = onnx_logits(temp, pixels)
+        try:
+            exported = onnx_logits(temp, pixels)
+        except Exception as error:  # onnxruntime's own types, for a file it cannot load or run
+            raise PipelineError(f"onnxruntime cannot run the exported model ({gist(error)}); {ONNX_FILE} was not written") from None
         max_abs_diff = float(np.abs(exported - reference).max())
         mismatched = int((exported.argmax(1) != reference.argmax(1)).sum())
         if max_abs_diff > params.tolerance or mismatched:

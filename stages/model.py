@@ -1,11 +1,13 @@
 """The CNN: conv blocks, then a two-layer classifier, with its checkpoint format and input normalisation."""
 
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, gist
 
 MODEL_FILE = Path("models/model.pt")  # written by train, read by evaluate and export
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -108,17 +110,42 @@ def save_checkpoint(path: Path, network: CNN, architecture: dict, meta: dict, ex
         )
 
 
+CHECKPOINT_KEYS = ("state_dict", "architecture", "mean", "std", "class_names", "epoch", "device")  # what the stages read
+RETRAIN = "rerun the train stage (dvc repro -f train)"
+
+
 def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
-    """Rebuild the trained model in eval mode from a checkpoint written by save_checkpoint."""
+    """Rebuild the trained model in eval mode from a checkpoint written by save_checkpoint.
+
+    weights_only=True: only tensors and plain data are unpickled, never arbitrary objects, so a foreign
+    file cannot run code. A missing, damaged or foreign file is a PipelineError naming it.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on a foreign file's pickle protocol: the error below says more
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the train stage first (dvc repro train)") from None
-    except Exception as error:  # torch raises several types for a damaged or foreign file
-        raise PipelineError(f"{path} is not a readable model checkpoint: {error}") from None
-    network = CNN(**checkpoint["architecture"])
-    network.load_state_dict(checkpoint["state_dict"])
-    model = PixelClassifier(network, checkpoint["mean"], checkpoint["std"])
+    except pickle.UnpicklingError:
+        raise PipelineError(
+            f"{path} is not a model checkpoint: it holds something other than tensors and plain data, "
+            f"which is never unpickled; {RETRAIN}"
+        ) from None
+    except Exception as error:  # torch raises several types for a damaged file: RuntimeError, EOFError, OSError
+        raise PipelineError(f"{path} is damaged or not a PyTorch file ({gist(error)}); {RETRAIN}") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise PipelineError(f"{path} is not a checkpoint of this pipeline: it lacks {', '.join(missing)}; {RETRAIN}")
+    try:
+        network = CNN(**checkpoint["architecture"])
+        network.load_state_dict(checkpoint["state_dict"])
+        model = PixelClassifier(network, float(checkpoint["mean"]), float(checkpoint["std"]))
+        if len(checkpoint["class_names"]) != network.classifier[-1].out_features:
+            raise ValueError(f"{len(checkpoint['class_names'])} class names for {network.classifier[-1].out_features} outputs")
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise PipelineError(
+            f"{path} is not a checkpoint of this pipeline: its contents do not fit together ({gist(error)}); {RETRAIN}"
+        ) from None
     return model.eval(), checkpoint
 
 

@@ -79,6 +79,24 @@ def workdir(tmp_path, monkeypatch):
     return work
 
 
+TINY_ARCHITECTURE = {"image_size": 28, "num_classes": 10, "conv_channels": [4, 8], "fc_units": 16}
+
+
+def write_checkpoint(path: Path, **changes) -> Path:
+    """A small model.pt as the train stage writes it; `changes` replace its entries, to make foreign ones."""
+    import torch
+
+    from stages.model import CNN, save_checkpoint
+
+    torch.manual_seed(0)
+    meta = {"mean": 0.13, "std": 0.31, "class_names": [str(d) for d in range(10)]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, CNN(**TINY_ARCHITECTURE), TINY_ARCHITECTURE, meta, extra={"epoch": 3, "device": "cpu"})
+    if changes:
+        torch.save({**torch.load(path, weights_only=True), **changes}, path)
+    return path
+
+
 def run_stage_cli(stage: str) -> subprocess.CompletedProcess:
     """`python -m stages.<stage>` in the current directory, as DVC runs it, without MNIST_PIPELINE_MIRRORS."""
     env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}

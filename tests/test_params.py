@@ -5,6 +5,7 @@ import torch
 import yaml
 
 from conftest import REPO_ROOT, run_stage_cli, update_params
+from stages import evaluate, train
 from stages.errors import PipelineError
 from stages.params import load_params
 
@@ -130,3 +131,13 @@ def test_stage_reports_a_bad_param_in_one_line_without_traceback(workdir):
     assert result.returncode == 1
     assert result.stderr == "error: params.yaml: train.lr = 'fast' is not allowed; expected a number in (0, 10]\n"
     assert not (workdir / "data").exists(), "nothing may be written before the params are valid"
+
+
+@pytest.mark.parametrize("stage, main", [("train", train.main), ("evaluate", evaluate.main)])
+def test_stage_asked_for_missing_cuda_stops_before_any_work(workdir, monkeypatch, stage, main):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    update_params(workdir / "params.yaml", {stage: {"device": "cuda"}})
+    before = sorted(workdir.rglob("*"))
+    with pytest.raises(PipelineError, match=f"{stage}.device = 'cuda' is not allowed: PyTorch sees no CUDA device"):
+        main()
+    assert sorted(workdir.rglob("*")) == before, "nothing written, not even the training logs"

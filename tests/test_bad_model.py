@@ -1,0 +1,132 @@
+"""A missing, damaged or foreign models/model.pt: one clear line naming it, no code run, nothing written by
+evaluate or export; export never leaves a half-written or unverified models/model.onnx."""
+
+import os
+import pickle
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_ARCHITECTURE, assert_one_line_error, run_stage_cli, synthetic_digits, write_checkpoint
+from stages import evaluate, export
+from stages.errors import PipelineError
+from stages.model import MODEL_FILE, load_checkpoint
+from stages.prepared import save_split
+
+
+class RunsCodeWhenUnpickled:
+    """What a malicious model.pt could hold: unpickling it calls os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def numpy_file(path):
+    with path.open("wb") as out:
+        np.save(out, np.zeros(3))
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda path: path.unlink(), "not found: run the train stage first (dvc repro train)"),
+    "empty": (lambda path: path.write_bytes(b""), "is damaged or not a PyTorch file (EOFError)"),
+    "truncated": (cut_in_half, "is damaged or not a PyTorch file ("),
+    "random bytes": (lambda path: path.write_bytes(random.Random(0).randbytes(4096)), "is not a model checkpoint: it holds something other than tensors"),
+    "numpy file": (numpy_file, "is not a model checkpoint: it holds something other than tensors"),
+    "torch code object": (
+        lambda path: torch.save({"state_dict": RunsCodeWhenUnpickled(path.parent / "pwned")}, path),
+        "is not a model checkpoint: it holds something other than tensors and plain data, which is never unpickled",
+    ),
+    "pickled code object": (
+        lambda path: path.write_bytes(pickle.dumps(RunsCodeWhenUnpickled(path.parent / "pwned"))),
+        "is not a model checkpoint: it holds something other than tensors and plain data, which is never unpickled",
+    ),
+    "plain dict": (lambda path: torch.save({"weights": torch.zeros(3)}, path), "is not a checkpoint of this pipeline: it lacks state_dict, architecture, mean, std, class_names, epoch, device"),
+    "tensor": (lambda path: torch.save(torch.zeros(3), path), "is not a checkpoint of this pipeline: it lacks state_dict"),
+    "other architecture": (
+        lambda path: write_checkpoint(path, architecture={**TINY_ARCHITECTURE, "fc_units": 32}),
+        "is not a checkpoint of this pipeline: its contents do not fit together (Error(s) in loading state_dict for CNN: size mismatch for classifier.1.weight",
+    ),
+    "unknown activation": (
+        lambda path: write_checkpoint(path, architecture={**TINY_ARCHITECTURE, "activation": "gelu"}),
+        "is not a checkpoint of this pipeline: its contents do not fit together ('gelu')",
+    ),
+    "too few class names": (
+        lambda path: write_checkpoint(path, class_names=["0", "1"]),
+        "is not a checkpoint of this pipeline: its contents do not fit together (2 class names for 10 outputs)",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_a_one_line_error_naming_the_file_and_runs_no_code(tmp_path, damage):
+    path = write_checkpoint(tmp_path / "model.pt")
+    make_bad, message = BAD_CHECKPOINTS[damage]
+    make_bad(path)
+    with pytest.raises(PipelineError) as raised:
+        load_checkpoint(path)
+    assert str(raised.value).startswith(f"{path} {message}") and "\n" not in str(raised.value)
+    assert not (tmp_path / "pwned").exists(), "loading a checkpoint must never run code it carries"
+
+
+OUTPUTS = {
+    "evaluate": [evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE],
+    "export": [export.ONNX_FILE, export.METRICS_FILE],
+}
+
+
+@pytest.fixture
+def trained(workdir):
+    """A workdir as the train stage leaves it: the prepared test split and a small models/model.pt."""
+    images, labels = synthetic_digits(50, seed=3)
+    save_split("test", images, labels)
+    write_checkpoint(workdir / MODEL_FILE)
+    return workdir
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "plain dict", "torch code object", "other architecture"])
+@pytest.mark.parametrize("stage", OUTPUTS)
+def test_bad_model_pt_stops_the_stage_before_it_writes(trained, stage, damage):
+    make_bad, message = BAD_CHECKPOINTS[damage]
+    make_bad(trained / MODEL_FILE)
+    with pytest.raises(PipelineError, match=re.escape(f"{MODEL_FILE} {message}")):
+        {"evaluate": evaluate.main, "export": export.main}[stage]()
+    assert not any(path.exists() for path in OUTPUTS[stage])
+    assert not (trained / "models/pwned").exists()
+
+
+def test_stages_report_a_bad_model_pt_in_one_line(trained):
+    (trained / MODEL_FILE).write_bytes((trained / MODEL_FILE).read_bytes()[:1000])
+    assert_one_line_error(run_stage_cli("evaluate"), f"{MODEL_FILE} is damaged or not a PyTorch file (")
+    (trained / MODEL_FILE).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(trained / "models/pwned")))
+    assert_one_line_error(run_stage_cli("export"), f"{MODEL_FILE} is not a model checkpoint: it holds something other")
+    assert not (trained / "models/pwned").exists()
+
+
+def fake_export(model, path, opset, image_size, class_names):
+    """Stands in for the ONNX exporter: writes what a damaged or incompatible export would hold."""
+    path.write_bytes(b"\x08\x07 not an ONNX protobuf")
+    return opset
+
+
+@pytest.mark.parametrize("fault", ["onnxruntime cannot load it", "its predictions differ"])
+def test_export_keeps_the_last_model_onnx_when_the_new_one_fails_verification(trained, monkeypatch, fault):
+    (trained / export.ONNX_FILE).write_bytes(b"the last good model")
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    if fault == "its predictions differ":
+        monkeypatch.setattr(export, "onnx_logits", lambda path, pixels: np.zeros((len(pixels), 10), dtype=np.float32))
+    message = "onnxruntime cannot run the exported model" if fault == "onnxruntime cannot load it" else "disagrees with PyTorch"
+    with pytest.raises(PipelineError, match=f"{message}.*models/model.onnx was not written"):
+        export.main()
+    assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
+    assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
+    assert not (trained / export.METRICS_FILE).exists()
