@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, gist
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -254,8 +254,10 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stages from the repository root") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    except yaml.YAMLError as error:  # its own text spans several lines: keep where and what
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise PipelineError(f"{path} is not valid YAML: {where}{problem or gist(error)}") from None
     if not isinstance(raw, dict):
         raise PipelineError(f"{path} must be a mapping of sections, got {raw!r}")
     sections = {f.name: f.type for f in dataclasses.fields(Params)}

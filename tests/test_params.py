@@ -121,8 +121,11 @@ def test_cuda_without_a_cuda_device_is_refused_before_any_work(tmp_path, monkeyp
 
 def test_unparseable_yaml_is_a_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(PipelineError, match="not valid YAML"):
+    with pytest.raises(PipelineError) as raised:
         load_params(tmp_path / "params.yaml")
+    assert str(raised.value) == (
+        f"{tmp_path / 'params.yaml'} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"
+    )
 
 
 def test_stage_reports_a_bad_param_in_one_line_without_traceback(workdir):
