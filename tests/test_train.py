@@ -13,6 +13,7 @@ import torch
 from conftest import REPO_ROOT, TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import preprocess, train
 from stages.errors import run_stage
+from stages.model import load_checkpoint
 
 
 def test_random_shift_moves_each_image_by_at_most_the_limit():
@@ -187,3 +188,13 @@ def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resum
     train.main()
     assert "not a readable training state" in capsys.readouterr().out
     assert train_outputs(resumable_workdir) == fresh
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_saves_the_plain_model(workdir):
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "compile": True}})
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main()
+    train.main()
+    model, _ = load_checkpoint(workdir / "models/model.pt")  # no torch.compile wrapper names in the weights
+    assert model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 10)
