@@ -122,7 +122,7 @@ FAULTS = {
     "wrong": ("content SHA-256 is", "permanent"),
     "notgzip": ("not a complete gzip file", "permanent"),
 }
-TIMEOUT = 0.2  # download.timeout in these tests: the slow mirror answers after STALL
+TIMEOUT = 0.2  # download.timeout in these tests: the "timeout" mirror says nothing for STALL seconds
 STALL = 1.0
 
 
