@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dvclive import Live
 from tqdm import tqdm
 
-from stages.errors import PipelineError, run_stage
+from stages.errors import gist, run_stage
 from stages.files import atomic_path, remove_stale_temp_files
 from stages.model import CNN, MODEL_FILE, PixelClassifier, pick_device, predict_logits, save_checkpoint
 from stages.params import ModelParams, Params, TrainParams, load_params
@@ -146,7 +146,7 @@ def load_resume_state(path: Path, fingerprint: str) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file costs a fresh start, not the run
-        print(f"ignoring {path}: not a readable training state ({error}); starting from epoch 1")
+        print(f"ignoring {path}: not a readable training state ({gist(error)}); starting from epoch 1")
         return None
     if state.get("fingerprint") != fingerprint:
         print(f"ignoring {path}: it comes from other params, threads or data; starting from epoch 1")

@@ -140,6 +140,21 @@ def test_second_repro_runs_nothing(project):
     assert ran_stages(output) == [] and "up to date" in output
 
 
+def out_hashes(repo: Path) -> dict[str, str]:
+    """Every stage output's hash, as dvc.lock records it."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out.get("md5") for stage in lock["stages"].values() for out in stage["outs"]}
+
+
+def test_forced_reruns_give_the_same_hashes_for_every_output(project):
+    repo, _ = project
+    first = out_hashes(repo)
+    for _ in range(2):
+        assert ran_stages(run(["dvc", "repro", "-f"], repo)) == STAGES
+        assert out_hashes(repo) == first, "same params, same machine: same model, metrics and plots"
+    assert {"models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train"} <= set(first)
+
+
 def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(project):
     repo, _ = project
     update_params(repo / "params.yaml", {"train": {"lr": 0.02}})
