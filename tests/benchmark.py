@@ -97,26 +97,40 @@ def report(name: str, value: str, target: str = "", ok: bool | None = None) -> N
     print(f"{name:<44} {value:<36} {target}{verdict}", flush=True)
 
 
-def print_table(runs: list[TrainingRun], peak: float) -> None:
-    print(f"{'training run':<34} {'seconds':>8} {'images/s':>9} {'test acc':>9} {'to 99.0%':>9} {'GFLOP/s':>8} {'of GEMM':>8}")
+def print_table(runs: list[TrainingRun], gemm: dict[str, float]) -> None:
+    shares = "".join(f" {'of ' + name:>10}" for name in gemm)
+    print(f"{'training run':<34} {'seconds':>8} {'images/s':>9} {'test acc':>9} {'to 99.0%':>9} {'GFLOP/s':>8}{shares}")
     for run in runs:
         to_99 = f"{run.time_to_99:.1f} s" if run.time_to_99 is not None else "never"
+        shares = "".join(f" {run.gflops() / rate:>10.0%}" for rate in gemm.values())
         print(
             f"{run.name:<34} {run.seconds:>8.1f} {run.images / run.step_seconds:>9,.0f} {run.accuracy:>9.4f} "
-            f"{to_99:>9} {run.gflops():>8.0f} {run.gflops() / peak:>8.0%}"
+            f"{to_99:>9} {run.gflops():>8.0f}{shares}"
         )
     print("images/s and GFLOP/s count the optimisation steps; seconds and time to 99.0% the whole run.\n", flush=True)
 
 
-def matmul_gflops(device: torch.device, size: int = 4096, repeats: int = 8) -> float:
-    """The fp32 rate of one large matrix multiply: what the hardware gives a GEMM-shaped workload."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    (a @ b).sum().item()
+def gflops_of(run, flops: float, repeats: int = 8) -> float:
+    run()
     started = time.perf_counter()
     for _ in range(repeats):
-        c = a @ b
-    c.sum().item()  # waits for the GPU
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+        result = run()
+    result.sum().item()  # waits for a GPU
+    return flops * repeats / (time.perf_counter() - started) / 1e9
+
+
+def gemm_gflops(device: torch.device) -> dict[str, float]:
+    """fp32 rates of large matrix multiplies: torch.matmul (MKL's sgemm on a CPU, cuBLAS on a GPU) and, on a
+    CPU, the same kind of GEMM through oneDNN, the library behind PyTorch's CPU convolutions, posed as a 1x1
+    convolution. MKL takes a slower code path on AMD CPUs than oneDNN does, so the two can differ twofold."""
+    a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
+    rates = {"matmul": gflops_of(lambda: a @ b, 2 * 4096**3)}
+    if device.type == "cpu":
+        conv = nn.Conv2d(2048, 2048, 1, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(32, 2048, 16, 16).contiguous(memory_format=torch.channels_last)  # an 8192x2048 by 2048x2048 GEMM
+        with torch.no_grad():
+            rates["oneDNN"] = gflops_of(lambda: conv(x), 2 * 8192 * 2048 * 2048)
+    return rates
 
 
 def flops_per_training_image(network: nn.Module, image_size: int = 28) -> float:
@@ -201,12 +215,18 @@ def timed_training(name: str, model_params, train_params) -> TrainingRun:
                        time_to_99, flops)
 
 
-def images_per_second(predict, pixels: np.ndarray, repeats: int) -> float:
-    predict(pixels)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        predict(pixels)
-    return repeats * len(pixels) / (time.perf_counter() - started)
+def best_images_per_second(runtimes: dict, pixels: np.ndarray, rounds: int = 7, repeats: int = 10) -> dict[str, float]:
+    """Each runtime's best rate over several rounds, the runtimes taking turns, so that a noisy moment on a
+    shared machine hits them alike instead of deciding the ratio."""
+    best = dict.fromkeys(runtimes, 0.0)
+    for _ in range(rounds):
+        for name, predict in runtimes.items():
+            predict(pixels)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                predict(pixels)
+            best[name] = max(best[name], repeats * len(pixels) / (time.perf_counter() - started))
+    return best
 
 
 def median_latency_ms(predict, pixels: np.ndarray, repeats: int = 300) -> float:
@@ -245,7 +265,7 @@ def inference() -> float:
             "PyTorch eager, channels-last": eager(channels_last),
             "onnxruntime": lambda batch: session.run(None, {"pixels": batch})[0],
         }
-        rates = {name: images_per_second(predict, pixels, 10) for name, predict in runtimes.items()}
+        rates = best_images_per_second(runtimes, pixels)
         speedup = rates["onnxruntime"] / rates["PyTorch eager, as loaded"]
         for name, rate in rates.items():
             if name == "onnxruntime":
@@ -321,8 +341,9 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
     print(f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} CPUs{gpu}\n")
 
-    peak = matmul_gflops(device)
-    report(f"fp32 matmul 4096x4096 on {device.type}", f"{peak:.0f} GFLOP/s")
+    gemm = gemm_gflops(device)
+    for name, rate in gemm.items():
+        report(f"fp32 GEMM on {device.type}, {name}", f"{rate:.0f} GFLOP/s")
     fast_model, fast_train = with_overrides(params, FAST)
     fast_train = dataclasses.replace(fast_train, device=args.device)
     runs = [] if device.type == "cuda" else [reference_loop()]
@@ -337,11 +358,13 @@ def main() -> None:
     if args.best:
         runs.append(best_preset(params, args.device))
     print()
-    print_table(runs, peak)
+    print_table(runs, gemm)
 
     by_name = {run.name: run for run in runs}
     fast, fp32, default = (by_name[name] for name in ["fast recipe: 1 epoch, bf16", "fast recipe in fp32", "params.yaml defaults"])
-    summary = {"gemm_fraction": f"{fp32.gflops() / peak:.2f}", "default_accuracy": f"{default.accuracy:.4f}"}
+    summary = {"gemm_fraction": f"{fp32.gflops() / gemm['matmul']:.2f}", "default_accuracy": f"{default.accuracy:.4f}"}
+    if "oneDNN" in gemm:
+        summary["onednn_gemm_fraction"] = f"{fp32.gflops() / gemm['oneDNN']:.2f}"
     fast_to_99 = fast.time_to_99 if fast.time_to_99 is not None else float("inf")
     if device.type == "cpu":
         reference = by_name["reference loop: 5 epochs"]
@@ -352,8 +375,10 @@ def main() -> None:
     else:
         report("time to 99.0%, fast recipe on CUDA", f"{fast_to_99:.2f} s, {fast.images / fast.step_seconds:,.0f} images/s")
         summary = {"time_to_99_s": f"{fast_to_99:.2f}", "images_per_s": f"{fast.images / fast.step_seconds:.0f}", **summary}
-    report("fp32 training throughput", f"{fp32.gflops():.0f} GFLOP/s = {fp32.gflops() / peak:.0%} of matmul", ">= 50%",
-           fp32.gflops() / peak >= 0.5)
+    report("fp32 training throughput", f"{fp32.gflops():.0f} GFLOP/s = {fp32.gflops() / gemm['matmul']:.0%} of matmul",
+           ">= 50%", fp32.gflops() / gemm["matmul"] >= 0.5)
+    if "oneDNN" in gemm:
+        report("  against oneDNN's GEMM", f"{fp32.gflops() / gemm['oneDNN']:.0%}")
     report("params.yaml defaults", f"{default.seconds:.1f} s, test accuracy {default.accuracy:.4f}", ">= 0.994 in <= 60 s",
            default.accuracy >= 0.994 and default.seconds <= 60)
     if "best preset" in by_name:
@@ -364,7 +389,8 @@ def main() -> None:
     if device.type == "cpu":
         summary["ort_speedup"] = f"{inference():.1f}"
         pipeline_overhead()
-    keys = ["time_to_99_ratio", "time_to_99_s", "images_per_s", "gemm_fraction", "ort_speedup", "default_accuracy", "best_accuracy"]
+    keys = ["time_to_99_ratio", "time_to_99_s", "images_per_s", "gemm_fraction", "ort_speedup", "default_accuracy",
+            "best_accuracy", "onednn_gemm_fraction"]
     print(" ".join(f"{key}={summary[key]}" for key in keys if key in summary))
 
 
