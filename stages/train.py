@@ -139,6 +139,19 @@ def run_fingerprint(model_params: ModelParams, params: TrainParams, train_pixels
     return digest.hexdigest()
 
 
+def rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random number generator training draws from: weights and dropout, batch order and augmentation."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "cuda": cuda}
+
+
+def set_rng_states(states: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["generator"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
 def load_resume_state(path: Path, fingerprint: str) -> dict | None:
     """The saved state of an interrupted run with the same fingerprint; anything else is reported and ignored."""
     if not path.exists():
@@ -192,16 +205,12 @@ def train(
     best = {"val_accuracy": -1.0}
     history: list[dict] = []
     fingerprint = run_fingerprint(model_params, params, train_pixels, threads) if resume_file else ""
+    resumable = {"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
     saved = load_resume_state(resume_file, fingerprint) if resume_file else None
     if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["torch_rng"])
-        generator.set_state(saved["generator"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        for name, part in resumable.items():
+            part.load_state_dict(saved[name])
+        set_rng_states(saved["rng"], generator, device)
         best, history = saved["best"], saved["history"]
         print(f"resuming from {resume_file}: epochs 1-{len(history)} of {params.epochs} already done")
         for result in history:
@@ -248,21 +257,9 @@ def train(
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "state_dict": copy.deepcopy(network.state_dict())}
         if resume_file:
             with atomic_path(resume_file) as temp:
-                torch.save(
-                    {
-                        "fingerprint": fingerprint,
-                        "history": history,
-                        "best": best,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "generator": generator.get_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0),
-                    },
-                    temp,
-                )
+                parts = {name: part.state_dict() for name, part in resumable.items()}
+                state = {"fingerprint": fingerprint, "history": history, "best": best, "rng": rng_states(generator, device)}
+                torch.save({**state, **parts}, temp)
         on_epoch(result, model)
 
     network.load_state_dict(best["state_dict"])
