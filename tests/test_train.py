@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, TINY_PARAMS, update_params, write_synthetic_mnist
+from stages import model as model_module
 from stages import preprocess, train
 from stages.errors import run_stage
 from stages.model import load_checkpoint
+from stages.params import load_params
 
 
 def test_random_shift_moves_each_image_by_at_most_the_limit():
@@ -198,3 +200,26 @@ def test_a_compiled_model_trains_and_saves_the_plain_model(workdir):
     train.main()
     model, _ = load_checkpoint(workdir / "models/model.pt")  # no torch.compile wrapper names in the weights
     assert model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_step(workdir, monkeypatch):
+    """On CUDA each read of a tensor's value waits for the GPU; the loop must queue whole epochs of steps."""
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "batch_size": 16}})
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main()
+    params = load_params()
+    reads = []
+    for method in ["item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__"]:
+        original = getattr(torch.Tensor, method)
+
+        def counted(tensor, *args, original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller in (train.__file__, model_module.__file__):
+                reads.append(caller)
+            return original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    train.train(params.model, params.train, torch.device("cpu"), lambda result, model: None)
+    steps_per_epoch = -(-340 // 16)
+    assert steps_per_epoch > 20
+    assert 0 < len(reads) <= 6 * params.train.epochs, "a handful of reads per epoch (its totals and validation)"
