@@ -156,7 +156,7 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
         raw = Path(root) / "MNIST" / "raw"
         raw.mkdir(parents=True)
         for name in MNIST_FILES:  # torchvision reads the decompressed files from <root>/MNIST/raw
-            (raw / name.removesuffix(".gz")).write_bytes(gzip.decompress((REPO_ROOT / "data/raw" / name).read_bytes()))
+            (raw / name.removesuffix(".gz")).write_bytes(gzip.decompress((Path("data/raw") / name).read_bytes()))
         to_tensor = torchvision.transforms.ToTensor()
         trainset = torchvision.datasets.MNIST(root, train=True, download=False, transform=to_tensor)
         testset = torchvision.datasets.MNIST(root, train=False, download=False, transform=to_tensor)
