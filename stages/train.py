@@ -241,6 +241,8 @@ def train(
             schedule.step()
             total_loss += loss.detach().double() * len(batch)
             total_correct += (logits.argmax(1) == labels).sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # once per epoch, so that the seconds include the queued steps
         seconds = time.perf_counter() - started
 
         val_loss, val_accuracy = evaluate(model, val_pixels, val_labels)

@@ -111,7 +111,7 @@ def print_table(runs: list[TrainingRun], gemm: dict[str, float]) -> None:
 
 
 def gflops_of(run, flops: float, repeats: int = 8) -> float:
-    run()
+    run().sum().item()  # a warm-up, finished before the clock starts
     started = time.perf_counter()
     for _ in range(repeats):
         result = run()
