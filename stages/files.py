@@ -13,6 +13,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temp path in the target's directory; it replaces the target only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(target.parent, target.name)  # a killed writer's, for this same target
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -24,9 +25,10 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
             os.unlink(temp)
 
 
-def remove_stale_temp_files(directory: Path | str) -> None:
-    """Delete the temp files a killed process left in `directory`: never part of an output."""
-    for leftover in Path(directory).glob(".*.tmp"):
+def remove_stale_temp_files(directory: Path | str, name: str = "*") -> None:
+    """Delete the temp files that atomic_path left in `directory` for targets matching `name` when its
+    process was killed: never part of an output."""
+    for leftover in Path(directory).glob(f".{name}.*.tmp"):
         leftover.unlink(missing_ok=True)
 
 

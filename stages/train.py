@@ -17,7 +17,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from stages.errors import gist, run_stage
-from stages.files import atomic_path, remove_stale_temp_files
+from stages.files import atomic_path
 from stages.model import CNN, MODEL_FILE, PixelClassifier, pick_device, predict_logits, save_checkpoint
 from stages.params import ModelParams, Params, TrainParams, load_params
 from stages.prepared import load_meta, load_split
@@ -271,7 +271,6 @@ def train(
 def main() -> None:
     params: Params = load_params()
     device = pick_device(params.train.device, "train.device")  # before DVCLive clears the last run's logs
-    remove_stale_temp_files(MODEL_FILE.parent)  # from a run killed mid-write; never part of an output
     with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
         def log_epoch(result: dict, model: PixelClassifier) -> None:

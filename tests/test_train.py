@@ -132,6 +132,18 @@ def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     assert not state.exists() and not list((work / "models").glob(".*.tmp"))
 
 
+def test_temp_files_of_a_killed_run_are_gone_after_the_next(workdir):
+    update_params(workdir / "params.yaml", TINY_PARAMS)
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main()
+    stale = [workdir / "models/.model.pt.k1ll3d.tmp", workdir / "models/.train_state.pt.k1ll3d.tmp"]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
+    train.main()
+    assert not any(path.exists() for path in stale)
+
+
 def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
     """Make Ctrl-C arrive during the given epoch's validation, after the previous epoch's state was saved."""
     evaluate, calls = train.evaluate, []
