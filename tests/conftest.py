@@ -97,10 +97,17 @@ def write_checkpoint(path: Path, **changes) -> Path:
     return path
 
 
-def run_stage_cli(stage: str) -> subprocess.CompletedProcess:
-    """`python -m stages.<stage>` in the current directory, as DVC runs it, without MNIST_PIPELINE_MIRRORS."""
-    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], capture_output=True, text=True, env=env)
+# A stage's environment as DVC gives it, without MNIST_PIPELINE_MIRRORS and never reporting analytics.
+STAGE_ENV = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "DVC_NO_ANALYTICS": "1"}
+
+
+def stage_command(stage: str) -> list[str]:
+    return [sys.executable, "-m", f"stages.{stage}"]
+
+
+def run_stage_cli(stage: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage>` in `cwd` (the current directory by default), as DVC runs it."""
+    return subprocess.run(stage_command(stage), cwd=cwd, capture_output=True, text=True, env=STAGE_ENV)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, start: str) -> None:

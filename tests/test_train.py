@@ -1,7 +1,6 @@
 """The training stage: augmentation, reproducible training on a small synthetic set, and resuming after a crash."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_PARAMS, update_params, write_synthetic_mnist
+from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, run_stage_cli, stage_command, update_params, write_synthetic_mnist
 from stages import model as model_module
 from stages import preprocess, train
 from stages.errors import run_stage
@@ -94,7 +93,7 @@ def prepared_workdir(root, name: str):
     (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     update_params(work / "params.yaml", RESUMABLE_PARAMS)
     write_synthetic_mnist(work / "data/raw", train=2000, test=100)
-    subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=work, env=STAGE_ENV, check=True, capture_output=True)
+    assert run_stage_cli("preprocess", work).returncode == 0
     return work
 
 
@@ -104,18 +103,14 @@ def train_outputs(work) -> dict:
     return {str(f.relative_to(work)): f.read_bytes() for f in files}
 
 
-STAGE_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1"}
-
-
 def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     uninterrupted = prepared_workdir(tmp_path, "uninterrupted")
-    subprocess.run([sys.executable, "-m", "stages.train"], cwd=uninterrupted, env=STAGE_ENV, check=True, capture_output=True)
+    assert run_stage_cli("train", uninterrupted).returncode == 0
     assert not (uninterrupted / train.RESUME_FILE).exists(), "a finished run leaves no training state behind"
 
     work = prepared_workdir(tmp_path, "killed")
     state = work / train.RESUME_FILE
-    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=work, env=STAGE_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -125,8 +120,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     epochs_done = len(torch.load(state, weights_only=True)["history"])
     assert 1 <= epochs_done < RESUMABLE_PARAMS["train"]["epochs"]
 
-    resumed = subprocess.run([sys.executable, "-m", "stages.train"], cwd=work, env=STAGE_ENV, check=True,
-                             capture_output=True, text=True)
+    resumed = run_stage_cli("train", work)
+    assert resumed.returncode == 0, resumed.stderr
     assert f"epochs 1-{epochs_done} of 6 already done" in resumed.stdout
     assert train_outputs(work) == train_outputs(uninterrupted), "model weights and every metric identical"
     assert not state.exists() and not list((work / "models").glob(".*.tmp"))
