@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test bench clean-venv
+.PHONY: repro test bench plots-template clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(VENV)/.installed-test
 # The pipeline first (MNIST_PIPELINE_MIRRORS names a local copy of MNIST), then the benchmark on its data.
 bench: repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/benchmark.py $(BENCH_ARGS)
+
+# Regenerate .dvc/plots/offline.html, the committed offline page template of `dvc plots`, after bumping vl-convert-python.
+plots-template: $(VENV)/.installed-test
+	$(BIN)/python -m stages.offline_plots
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,55 +1,103 @@
-"""Stage 4, evaluate: the trained model on the held-out test set, as metrics/eval.json and a confusion-matrix plot."""
+"""Stage 4, evaluate: the trained model on the held-out test set, as headline metrics and the data of its plots.
+
+metrics/eval.json holds the headline numbers only, one short row in `dvc metrics show`; the per-class numbers
+(metrics/per_class.csv), every prediction (metrics/predictions.csv, for the confusion matrices) and a gallery of
+the surest mistakes (metrics/misclassified/) are plots, declared in dvc.yaml.
+"""
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from stages.errors import run_stage
-from stages.files import atomic_path, write_json
+from stages.files import atomic_dir, atomic_path, write_json
 from stages.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
 from stages.params import load_params
 from stages.prepared import load_split
 
 METRICS_FILE = Path("metrics/eval.json")
 PREDICTIONS_FILE = Path("metrics/predictions.csv")
+PER_CLASS_FILE = Path("metrics/per_class.csv")
+GALLERY_DIR = Path("metrics/misclassified")
+GALLERY_SCALE = 4  # 28x28 digits drawn 4x larger, pixel for pixel
 
 
 def rounded(value: float) -> float:
     return round(float(value), 4)
 
 
-def classification_metrics(actual: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy, macro and per-class precision/recall/F1/support, and the confusion matrix (rows: actual)."""
-    labels = list(range(len(class_names)))
-    macro = precision_recall_fscore_support(actual, predicted, labels=labels, average="macro", zero_division=0)
-    per_class = precision_recall_fscore_support(actual, predicted, labels=labels, average=None, zero_division=0)
+def headline_metrics(actual: np.ndarray, predicted: np.ndarray, class_count: int) -> dict:
+    """Accuracy and macro precision/recall/F1."""
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        actual, predicted, labels=list(range(class_count)), average="macro", zero_division=0
+    )
     return {
         "accuracy": rounded(accuracy_score(actual, predicted)),
-        "precision_macro": rounded(macro[0]),
-        "recall_macro": rounded(macro[1]),
-        "f1_macro": rounded(macro[2]),
-        "per_class": {
-            name: {
-                "precision": rounded(per_class[0][i]),
-                "recall": rounded(per_class[1][i]),
-                "f1": rounded(per_class[2][i]),
-                "support": int(per_class[3][i]),
-            }
-            for i, name in enumerate(class_names)
-        },
-        "confusion_matrix": confusion_matrix(actual, predicted, labels=labels).tolist(),
+        "precision_macro": rounded(precision),
+        "recall_macro": rounded(recall),
+        "f1_macro": rounded(f1),
     }
 
 
+def write_per_class(actual: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> None:
+    """One `class,precision,recall,f1,support` row per class: the data of the per-class bar chart."""
+    scores = precision_recall_fscore_support(
+        actual, predicted, labels=list(range(len(class_names))), average=None, zero_division=0
+    )
+    with atomic_path(PER_CLASS_FILE) as temp, temp.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for i, name in enumerate(class_names):
+            writer.writerow([name, rounded(scores[0][i]), rounded(scores[1][i]), rounded(scores[2][i]), int(scores[3][i])])
+
+
 def write_predictions(actual: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> None:
-    """One `actual,predicted` row per test image: the input of DVC's confusion template."""
+    """One `actual,predicted` row per test image: the input of both confusion-matrix plots."""
     with atomic_path(PREDICTIONS_FILE) as temp, temp.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["actual", "predicted"])
         writer.writerows((class_names[a], class_names[p]) for a, p in zip(actual, predicted))
+
+
+def surest_mistakes(actual: np.ndarray, confidence: np.ndarray, predicted: np.ndarray, count: int) -> np.ndarray:
+    """Indices of up to `count` misclassified images, the most confident first (ties: in test-set order)."""
+    wrong = np.flatnonzero(predicted != actual)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+
+
+def labelled_image(pixels: np.ndarray, lines: list[str]) -> Image.Image:
+    """The digit enlarged pixel for pixel, white on black as in the data set, with caption lines beneath it."""
+    digit = Image.fromarray(pixels).resize((pixels.shape[1] * GALLERY_SCALE, pixels.shape[0] * GALLERY_SCALE), Image.NEAREST)
+    font = ImageFont.load_default(size=13)
+    line_height = 16
+    width = max(digit.width, *(int(font.getlength(line)) + 8 for line in lines))
+    card = Image.new("L", (width, digit.height + line_height * len(lines) + 4), 255)
+    card.paste(digit, ((width - digit.width) // 2, 0))
+    draw = ImageDraw.Draw(card)
+    for row, line in enumerate(lines):
+        draw.text((4, digit.height + 2 + row * line_height), line, fill=0, font=font)
+    return card
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "class"
+
+
+def write_gallery(images: np.ndarray, actual: np.ndarray, logits: torch.Tensor, class_names: list[str], size: int) -> None:
+    """metrics/misclassified/: the `size` surest mistakes as PNGs, named by rank so they show in that order."""
+    predicted = logits.argmax(1).numpy()
+    confidence = logits.softmax(1).max(1).values.numpy()
+    with atomic_dir(GALLERY_DIR) as temp:
+        for rank, index in enumerate(surest_mistakes(actual, confidence, predicted, size), start=1):
+            true_name, predicted_name = class_names[actual[index]], class_names[predicted[index]]
+            card = labelled_image(images[index], [f"true: {true_name}", f"predicted: {predicted_name}", f"confidence: {confidence[index]:.1%}"])
+            name = f"{rank:0{len(str(size))}d}_true-{file_safe(true_name)}_predicted-{file_safe(predicted_name)}.png"
+            card.save(temp / name, optimize=True)
 
 
 def main() -> None:
@@ -61,16 +109,17 @@ def main() -> None:
     predicted = logits.argmax(1).numpy()
 
     class_names = checkpoint["class_names"]
-    metrics = classification_metrics(actual, predicted, class_names)
     metrics = {
-        **metrics,
+        **headline_metrics(actual, predicted, len(class_names)),
+        "misclassified": int((predicted != actual).sum()),
         "test_images": len(actual),
-        "device": device.type,
-        "train_device": checkpoint["device"],
         "best_epoch": checkpoint["epoch"],
+        "device": device.type,
     }
     write_json(METRICS_FILE, metrics)
+    write_per_class(actual, predicted, class_names)
     write_predictions(actual, predicted, class_names)
+    write_gallery(images, actual, logits, class_names, params.gallery_size)
     print(
         f"test accuracy {metrics['accuracy']:.4f}, macro precision {metrics['precision_macro']:.4f}, "
         f"recall {metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} on {len(actual)} images ({device.type})"

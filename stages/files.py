@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -35,3 +36,23 @@ def remove_stale_temp_files(directory: Path | str, name: str = "*") -> None:
 def write_json(target: Path | str, data: dict) -> None:
     with atomic_path(target) as temp:
         temp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield a temp directory beside the target; it replaces the whole target directory only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # a killed writer's
+        shutil.rmtree(leftover, ignore_errors=True)
+    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    old = temp.with_name(temp.name.replace(".tmp", ".old.tmp"))
+    try:
+        yield temp
+        os.chmod(temp, 0o755)  # mkdtemp makes directories private; outputs are ordinary directories
+        if target.exists():
+            os.replace(target, old)
+        os.replace(temp, target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -153,6 +153,7 @@ class TrainParams:
 class EvaluateParams:
     device: str = rule(choice("auto", "cpu", "cuda"))
     batch_size: int = rule(integer(1, 65536))
+    gallery_size: int = rule(integer(0, 1000))
 
 
 @dataclass(frozen=True)

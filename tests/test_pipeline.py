@@ -1,7 +1,9 @@
 """End to end: the repository copied into a throw-away git+DVC repo, `dvc repro` on synthetic data over local HTTP."""
 
+import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,11 +100,19 @@ def test_metrics_have_every_key_in_range(project):
     for key in ["accuracy", "precision_macro", "recall_macro", "f1_macro"]:
         assert 0.0 <= metrics[key] <= 1.0 and metrics[key] == round(metrics[key], 4)
     assert metrics["accuracy"] > 0.5, "the synthetic digits are easy; a working pipeline learns them"
-    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
-    assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["test_images"] == 200
-    assert np.array(metrics["confusion_matrix"]).sum() == 200 and metrics["device"] == "cpu"
-    rows = (repo / "metrics/predictions.csv").read_text().splitlines()
-    assert rows[0] == "actual,predicted" and len(rows) == 201
+    assert metrics["test_images"] == 200 and metrics["device"] == "cpu"
+    assert set(metrics) == {"accuracy", "precision_macro", "recall_macro", "f1_macro", "misclassified", "test_images", "best_epoch", "device"}, (
+        "eval.json holds the headline numbers only: one short row in `dvc metrics show`"
+    )
+    per_class = list(csv.DictReader((repo / "metrics/per_class.csv").open()))
+    assert [row["class"] for row in per_class] == [str(d) for d in range(10)]
+    assert sum(int(row["support"]) for row in per_class) == 200
+    assert all(0.0 <= float(row[key]) <= 1.0 for row in per_class for key in ["precision", "recall", "f1"])
+    rows = list(csv.reader((repo / "metrics/predictions.csv").open()))
+    assert rows[0] == ["actual", "predicted"] and len(rows) == 201
+    assert sum(actual != predicted for actual, predicted in rows[1:]) == metrics["misclassified"] > 0
+    gallery = sorted((repo / "metrics/misclassified").iterdir())
+    assert len(gallery) == min(metrics["misclassified"], 24) and gallery[0].name.startswith("01_true-")
 
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert exported["opset"] >= 18 and exported["max_abs_diff"] <= 1e-4 and exported["predictions_identical"]
@@ -179,3 +189,64 @@ def test_bad_param_fails_in_one_line_and_keeps_the_last_results(project):
     assert "Traceback" not in result.stdout + result.stderr
     for path, content in kept.items():
         assert (repo / path).read_bytes() == content, f"{path} was lost to a failed run"
+
+
+CHROMIUM = shutil.which("chromium")
+OFFLINE = [  # no proxy that answers, no name that resolves: a page that needs the network stays blank
+    "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--host-resolver-rules=MAP * ~NOTFOUND",
+]
+
+
+def rendered_dom(page: Path) -> str:
+    """The page's DOM after headless Chromium, with networking off, has run its scripts."""
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *OFFLINE,
+         f"--user-data-dir={page.parent / '.chromium'}", "--virtual-time-budget=30000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and "</html>" in result.stdout, result.stderr[-2000:]
+    return result.stdout
+
+
+def declared_plots(repo: Path) -> tuple[list[str], list[str]]:
+    """dvc.yaml's top-level plots: the ids of the Vega plots, and the directories of image plots."""
+    plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    vega = [next(iter(plot)) for plot in plots if isinstance(plot, dict)]
+    images = [plot for plot in plots if isinstance(plot, str)]
+    return vega, images
+
+
+def assert_every_plot_drew(page: Path, repo: Path, revisions: int) -> None:
+    """Each declared Vega plot holds a drawn chart (Vega's canvas or SVG, class "marks") and no error; every
+    gallery image of every revision is on the page, pointing at a PNG that exists."""
+    dom = rendered_dom(page)
+    assert "Vega error" not in dom and 'class="vega-error"' not in dom
+    vega, image_dirs = declared_plots(repo)
+    # dvc-render gives each plot a <div id=...> made of its name, special characters turned into "_".
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r'<div id="([^"]+)"', dom)]
+    sections = {ident: dom[start:end] for (start, ident), (end, _) in zip(starts, starts[1:] + [(len(dom), "")])}
+    for plot in vega:
+        ident = re.sub(r"[!@#$%^&*()\[\]{};,<>?\\/:.|`~=_+ ]", "_", plot)
+        assert ident in sections, f"no element for plot {plot!r}"
+        assert re.search(r'<(canvas|svg)[^>]*class="marks"', sections[ident]), f"plot {plot!r} drew nothing: {sections[ident][:500]}"
+    for directory in image_dirs:
+        pngs = sorted(p.name for p in (repo / directory).glob("*.png"))
+        sources = re.findall(r'<img src="([^"]+)"', dom)
+        shown = [src for src in sources if Path(src).name in pngs]
+        assert len(shown) == revisions * len(pngs) > 0, sources
+        assert all((page.parent / src).is_file() for src in shown)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_plots_show_and_diff_draw_every_plot_with_no_network(project):
+    repo, _ = project
+    blank = repo / "plots_offline" / "cdn.html"  # the check itself must be able to fail: a CDN script cannot load
+    blank.parent.mkdir(exist_ok=True)
+    blank.write_text('<html><head><script src="https://cdn.jsdelivr.net/npm/vega@5"></script></head>'
+                     '<body><p id="vega">vega is <script>document.write(typeof vega)</script></p></body></html>')
+    assert "vega is undefined" in rendered_dom(blank)
+
+    run(["dvc", "plots", "show", "-o", "plots_offline/show"], repo)
+    assert_every_plot_drew(repo / "plots_offline/show/index.html", repo, revisions=1)
+    run(["dvc", "plots", "diff", "-o", "plots_offline/diff"], repo)  # the last commit beside the workspace
+    assert_every_plot_drew(repo / "plots_offline/diff/index.html", repo, revisions=2)

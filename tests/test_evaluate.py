@@ -1,0 +1,78 @@
+"""The evaluate stage's plot data: per-class scores, and the gallery of the surest mistakes, labelled and ranked."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import synthetic_digits, update_params, write_checkpoint
+from stages import evaluate
+from stages.model import MODEL_FILE, load_checkpoint, predict_logits
+from stages.prepared import save_split
+
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@pytest.fixture
+def evaluated(workdir):
+    """evaluate.main run on 60 test images with an untrained model whose class names are not digits."""
+    images, labels = synthetic_digits(60, seed=5)
+    save_split("test", images, labels)
+    write_checkpoint(workdir / MODEL_FILE, class_names=CLASS_NAMES)
+    update_params(workdir / "params.yaml", {"evaluate": {"gallery_size": 5}})
+    evaluate.main()
+    return workdir, images, labels
+
+
+def test_surest_mistakes_come_first_and_ties_keep_test_set_order():
+    actual = np.array([0, 1, 2, 3, 4, 5])
+    predicted = np.array([0, 2, 2, 0, 1, 0])
+    confidence = np.array([0.99, 0.6, 0.99, 0.9, 0.6, 0.7])
+    assert evaluate.surest_mistakes(actual, confidence, predicted, 10).tolist() == [3, 5, 1, 4]
+    assert evaluate.surest_mistakes(actual, confidence, predicted, 2).tolist() == [3, 5]
+    assert evaluate.surest_mistakes(actual, confidence, predicted, 0).tolist() == []
+
+
+def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evaluated):
+    workdir, images, labels = evaluated
+    model, _ = load_checkpoint(MODEL_FILE)
+    probabilities = predict_logits(model, torch.from_numpy(images).unsqueeze(1), 64).softmax(1)
+    confidence, predicted = probabilities.max(1)
+    wrong = [i for i in range(len(labels)) if predicted[i] != labels[i]]
+    expected = sorted(wrong, key=lambda i: -confidence[i])[:5]
+
+    gallery = sorted((workdir / evaluate.GALLERY_DIR).iterdir())
+    assert [p.name for p in gallery] == [
+        f"{rank}_true-{evaluate.file_safe(CLASS_NAMES[labels[i]])}_predicted-{evaluate.file_safe(CLASS_NAMES[predicted[i]])}.png"
+        for rank, i in enumerate(expected, start=1)
+    ]
+    assert "/" not in "".join(p.name for p in gallery)
+    first = Image.open(gallery[0])
+    assert first.width >= 28 * evaluate.GALLERY_SCALE and first.height > 28 * evaluate.GALLERY_SCALE, "digit plus caption"
+    digit = np.asarray(first)[: 28 * evaluate.GALLERY_SCALE]
+    left = (first.width - 28 * evaluate.GALLERY_SCALE) // 2
+    np.testing.assert_array_equal(digit[::4, left : left + 112 : 4], images[expected[0]])  # pixel for pixel, 4x
+    assert (np.asarray(first)[28 * evaluate.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
+
+
+def test_eval_json_is_headline_only_and_per_class_scores_are_a_csv(evaluated):
+    workdir, _, labels = evaluated
+    metrics = json.loads((workdir / evaluate.METRICS_FILE).read_text())
+    assert set(metrics) == {"accuracy", "precision_macro", "recall_macro", "f1_macro", "misclassified", "test_images", "best_epoch", "device"}
+    rows = list(csv.DictReader((workdir / evaluate.PER_CLASS_FILE).open()))
+    assert [row["class"] for row in rows] == CLASS_NAMES
+    assert [int(row["support"]) for row in rows] == np.bincount(labels, minlength=10).tolist()
+    mean_recall = np.mean([float(row["recall"]) for row in rows])
+    assert mean_recall == pytest.approx(metrics["recall_macro"], abs=1e-3)
+
+
+def test_a_new_run_replaces_the_whole_gallery(evaluated):
+    workdir, _, _ = evaluated
+    (workdir / evaluate.GALLERY_DIR / "99_stale.png").write_bytes(b"old")
+    update_params(workdir / "params.yaml", {"evaluate": {"gallery_size": 0}})
+    evaluate.main()
+    assert list((workdir / evaluate.GALLERY_DIR).iterdir()) == []
+    assert [p.name for p in (workdir / "metrics").iterdir() if p.name.startswith(".")] == [], "no temp directory left"
