@@ -288,7 +288,8 @@ def main() -> None:
         except KeyboardInterrupt:
             hint = f"run it again with the same params to resume from {RESUME_FILE}" if RESUME_FILE.exists() else ""
             raise KeyboardInterrupt(f"training stopped; {hint}" if hint else "training stopped before its first epoch ended") from None
-        live.summary["best"] = {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}
+        # The summary (a row of `dvc metrics show`) is the kept epoch; the last epoch's numbers end the curves.
+        live.summary = {"best": {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}}
     network = model.network.to("cpu", memory_format=torch.contiguous_format)
     with atomic_path(MODEL_FILE) as temp:
         save_checkpoint(temp, network, architecture, load_meta(), extra=best)
