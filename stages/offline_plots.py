@@ -44,6 +44,12 @@ PAGE = """<!DOCTYPE html>
   body {{ font-family: sans-serif; }}
   table {{ border-spacing: 15px; }}
   .vega-error {{ color: #b00020; white-space: pre-wrap; }}
+  /* dvc-render gives every image its own full-width box: let the gallery flow as a grid instead. */
+  body > div:has(> div > img) {{
+    display: inline-block; vertical-align: top; max-width: 190px; margin: 3px;
+    white-space: normal !important; overflow-wrap: anywhere; font-size: 11px;
+  }}
+  body > div:has(> div > img) p {{ margin: 2px; }}
 </style>
 </head>
 <body>
