@@ -79,7 +79,7 @@ def test_bad_checkpoint_is_a_one_line_error_naming_the_file_and_runs_no_code(tmp
 
 
 OUTPUTS = {
-    "evaluate": [evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE],
+    "evaluate": [evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE, evaluate.PER_CLASS_FILE, evaluate.GALLERY_DIR],
     "export": [export.ONNX_FILE, export.METRICS_FILE],
 }
 

@@ -220,7 +220,7 @@ def assert_every_plot_drew(page: Path, repo: Path) -> None:
     """Each declared Vega plot holds a drawn chart (Vega's canvas or SVG, class "marks") and no error; every
     gallery image of the workspace is on the page, and every image on it points at a PNG that exists."""
     dom = rendered_dom(page)
-    assert "Vega error" not in dom and 'class="vega-error"' not in dom
+    assert 'class="vega-error"' not in dom, re.findall(r'class="vega-error">([^<]*)', dom)
     vega, image_dirs = declared_plots(repo)
     # dvc-render gives each plot a <div id=...> made of its name, special characters turned into "_".
     starts = [(m.start(), m.group(1)) for m in re.finditer(r'<div id="([^"]+)"', dom)]
@@ -231,8 +231,9 @@ def assert_every_plot_drew(page: Path, repo: Path) -> None:
         assert re.search(r'<(canvas|svg)[^>]*class="marks"', sections[ident]), f"plot {plot!r} drew nothing: {sections[ident][:500]}"
     for directory in image_dirs:
         pngs = sorted(p.name for p in (repo / directory).glob("*.png"))
-        sources = re.findall(r'<img src="([^"]+)"', dom)
-        assert set(pngs) <= {Path(src).name for src in sources}, sources
+        sources = [src for src in re.findall(r'<img src="([^"]+)"', dom) if src.endswith(".png")]
+        # DVC copies each image beside the page as static/<revision>_<path with "_" for "/">.
+        assert all(any(src.endswith(f"_{png}") for src in sources) for png in pngs), (pngs, sources)
         assert sources and all((page.parent / src).is_file() for src in sources)
 
 
