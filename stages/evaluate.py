@@ -6,7 +6,6 @@ the surest mistakes (metrics/misclassified/) are plots, declared in dvc.yaml.
 """
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -84,20 +83,16 @@ def labelled_image(pixels: np.ndarray, lines: list[str]) -> Image.Image:
     return card
 
 
-def file_safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "class"
-
-
 def write_gallery(images: np.ndarray, actual: np.ndarray, logits: torch.Tensor, class_names: list[str], size: int) -> None:
-    """metrics/misclassified/: the `size` surest mistakes as PNGs, named by rank so they show in that order."""
+    """metrics/misclassified/: the `size` surest mistakes as PNGs named by rank alone (01.png, ...), so DVC shows them
+    in that order and `dvc plots diff` puts the same rank of each revision side by side."""
     predicted = logits.argmax(1).numpy()
     confidence = logits.softmax(1).max(1).values.numpy()
     with atomic_dir(GALLERY_DIR) as temp:
         for rank, index in enumerate(surest_mistakes(actual, confidence, predicted, size), start=1):
             true_name, predicted_name = class_names[actual[index]], class_names[predicted[index]]
             card = labelled_image(images[index], [f"true: {true_name}", f"predicted: {predicted_name}", f"confidence: {confidence[index]:.1%}"])
-            name = f"{rank:0{len(str(size))}d}_true-{file_safe(true_name)}_predicted-{file_safe(predicted_name)}.png"
-            card.save(temp / name, optimize=True)
+            card.save(temp / f"{rank:0{len(str(size))}d}.png", optimize=True)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def test_surest_mistakes_come_first_and_ties_keep_test_set_order():
     assert evaluate.surest_mistakes(actual, confidence, predicted, 0).tolist() == []
 
 
-def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evaluated):
+def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evaluated, monkeypatch):
     workdir, images, labels = evaluated
     model, _ = load_checkpoint(MODEL_FILE)
     probabilities = predict_logits(model, torch.from_numpy(images).unsqueeze(1), 64).softmax(1)
@@ -45,17 +45,21 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
     expected = sorted(wrong, key=lambda i: -confidence[i])[:5]
 
     gallery = sorted((workdir / evaluate.GALLERY_DIR).iterdir())
-    assert [p.name for p in gallery] == [
-        f"{rank}_true-{evaluate.file_safe(CLASS_NAMES[labels[i]])}_predicted-{evaluate.file_safe(CLASS_NAMES[predicted[i]])}.png"
-        for rank, i in enumerate(expected, start=1)
-    ]
-    assert "/" not in "".join(p.name for p in gallery)
+    assert [p.name for p in gallery] == [f"{rank}.png" for rank in range(1, len(expected) + 1)] and len(expected) == 5
     first = Image.open(gallery[0])
     assert first.width >= 28 * evaluate.GALLERY_SCALE and first.height > 28 * evaluate.GALLERY_SCALE, "digit plus caption"
     digit = np.asarray(first)[: 28 * evaluate.GALLERY_SCALE]
     left = (first.width - 28 * evaluate.GALLERY_SCALE) // 2
     np.testing.assert_array_equal(digit[::4, left : left + 112 : 4], images[expected[0]])  # pixel for pixel, 4x
     assert (np.asarray(first)[28 * evaluate.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
+
+    captions = []
+    monkeypatch.setattr(evaluate, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1)))
+    evaluate.main()
+    assert captions == [
+        [f"true: {CLASS_NAMES[labels[i]]}", f"predicted: {CLASS_NAMES[predicted[i]]}", f"confidence: {float(confidence[i]):.1%}"]
+        for i in expected
+    ]
 
 
 def test_eval_json_is_headline_only_and_per_class_scores_are_a_csv(evaluated):
