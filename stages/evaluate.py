@@ -71,28 +71,33 @@ def surest_mistakes(actual: np.ndarray, confidence: np.ndarray, predicted: np.nd
 
 def labelled_image(pixels: np.ndarray, lines: list[str]) -> Image.Image:
     """The digit enlarged pixel for pixel, white on black as in the data set, with caption lines beneath it."""
-    digit = Image.fromarray(pixels).resize((pixels.shape[1] * GALLERY_SCALE, pixels.shape[0] * GALLERY_SCALE), Image.NEAREST)
+    height, width = pixels.shape
+    digit = Image.fromarray(pixels).resize((width * GALLERY_SCALE, height * GALLERY_SCALE), Image.NEAREST)
     font = ImageFont.load_default(size=13)
     line_height = 16
-    width = max(digit.width, *(int(font.getlength(line)) + 8 for line in lines))
-    card = Image.new("L", (width, digit.height + line_height * len(lines) + 4), 255)
-    card.paste(digit, ((width - digit.width) // 2, 0))
+    card_width = max(digit.width, *(int(font.getlength(line)) + 8 for line in lines))
+    card = Image.new("L", (card_width, digit.height + line_height * len(lines) + 4), 255)
+    card.paste(digit, ((card_width - digit.width) // 2, 0))
     draw = ImageDraw.Draw(card)
     for row, line in enumerate(lines):
         draw.text((4, digit.height + 2 + row * line_height), line, fill=0, font=font)
     return card
 
 
-def write_gallery(images: np.ndarray, actual: np.ndarray, logits: torch.Tensor, class_names: list[str], size: int) -> None:
+def write_gallery(
+    images: np.ndarray, actual: np.ndarray, predicted: np.ndarray, logits: torch.Tensor, class_names: list[str], size: int
+) -> None:
     """metrics/misclassified/: the `size` surest mistakes as PNGs named by rank alone (01.png, ...), so DVC shows them
     in that order and `dvc plots diff` puts the same rank of each revision side by side."""
-    predicted = logits.argmax(1).numpy()
     confidence = logits.softmax(1).max(1).values.numpy()
     with atomic_dir(GALLERY_DIR) as temp:
         for rank, index in enumerate(surest_mistakes(actual, confidence, predicted, size), start=1):
-            true_name, predicted_name = class_names[actual[index]], class_names[predicted[index]]
-            card = labelled_image(images[index], [f"true: {true_name}", f"predicted: {predicted_name}", f"confidence: {confidence[index]:.1%}"])
-            card.save(temp / f"{rank:0{len(str(size))}d}.png", optimize=True)
+            caption = [
+                f"true: {class_names[actual[index]]}",
+                f"predicted: {class_names[predicted[index]]}",
+                f"confidence: {confidence[index]:.1%}",
+            ]
+            labelled_image(images[index], caption).save(temp / f"{rank:0{len(str(size))}d}.png", optimize=True)
 
 
 def main() -> None:
@@ -114,7 +119,7 @@ def main() -> None:
     write_json(METRICS_FILE, metrics)
     write_per_class(actual, predicted, class_names)
     write_predictions(actual, predicted, class_names)
-    write_gallery(images, actual, logits, class_names, params.gallery_size)
+    write_gallery(images, actual, predicted, logits, class_names, params.gallery_size)
     print(
         f"test accuracy {metrics['accuracy']:.4f}, macro precision {metrics['precision_macro']:.4f}, "
         f"recall {metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} on {len(actual)} images ({device.type})"

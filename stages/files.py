@@ -46,7 +46,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # a killed writer's
         shutil.rmtree(leftover, ignore_errors=True)
     temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    old = temp.with_name(temp.name.replace(".tmp", ".old.tmp"))
+    old = temp.with_suffix(".old.tmp")
     try:
         yield temp
         os.chmod(temp, 0o755)  # mkdtemp makes directories private; outputs are ordinary directories
