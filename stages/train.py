@@ -263,10 +263,11 @@ def train(
         if val_accuracy > best["val_accuracy"]:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "state_dict": copy.deepcopy(network.state_dict())}
         if resume_file:
-            with atomic_path(resume_file) as temp:
+            # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
+            with atomic_path(resume_file) as temp, temp.open("wb") as out:
                 parts = {name: part.state_dict() for name, part in resumable.items()}
                 state = {"fingerprint": fingerprint, "history": history, "best": best, "rng": rng_states(generator, device)}
-                torch.save({**state, **parts}, temp)
+                torch.save({**state, **parts}, out)
         on_epoch(result, model)
 
     network.load_state_dict(best["state_dict"])
