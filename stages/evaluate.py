@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from stages.errors import run_stage
-from stages.files import atomic_path, write_json
+from stages.files import atomic_path, dump_json
 from stages.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
 from stages.params import load_params
 from stages.prepared import load_split
@@ -69,8 +69,9 @@ def main() -> None:
         "train_device": checkpoint["device"],
         "best_epoch": checkpoint["epoch"],
     }
-    write_json(METRICS_FILE, metrics)
-    write_predictions(actual, predicted, class_names)
+    with atomic_path(METRICS_FILE) as metrics_temp:  # renamed once predictions.csv is written too: both or neither
+        dump_json(metrics_temp, metrics)
+        write_predictions(actual, predicted, class_names)
     print(
         f"test accuracy {metrics['accuracy']:.4f}, macro precision {metrics['precision_macro']:.4f}, "
         f"recall {metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} on {len(actual)} images ({device.type})"

@@ -1,6 +1,7 @@
 """Disks and file systems that refuse a write: every stage stops in one line naming the path, keeps its last outputs
 and leaves no partial file; stages that write a lot check the free space first."""
 
+import csv
 import ctypes
 import errno
 import os
@@ -13,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 
-import stages.files
 from conftest import REPO_ROOT, TINY_PARAMS, assert_one_line_error, run_stage_cli, update_params, write_synthetic_mnist
 from stages import download, evaluate, export, preprocess, train
 from stages.errors import PipelineError, run_stage
@@ -94,7 +94,7 @@ def full_disk_at(monkeypatch, owner, name: str, call: int) -> None:
     [
         # The second split: the first is written by then, and must not replace the old one alone.
         (preprocess, np, "savez", 2, "data/prepared/val.npz"),
-        (evaluate, stages.files, "dump_json", 1, "metrics/eval.json"),
+        (evaluate, csv, "writer", 1, "metrics/predictions.csv"),  # after eval.json, which must not replace the old one
         (export, onnx, "save_model", 1, "models/model.onnx"),
     ],
     ids=["preprocess", "evaluate", "export"],
