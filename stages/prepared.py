@@ -40,6 +40,8 @@ def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
             return arrays["images"], arrays["labels"]
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the preprocess stage first (dvc repro preprocess)") from None
+    except (PermissionError, IsADirectoryError):
+        raise  # the file system's doing, not a corrupt file: stages.errors.run_stage says so
     except (OSError, ValueError, KeyError) as error:
         raise PipelineError(f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)") from None
 

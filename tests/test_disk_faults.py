@@ -189,3 +189,10 @@ def test_disk_faults_wrapped_by_a_library_are_one_line_and_other_errors_keep_the
         run_stage(lambda: open("no/such/file"))
     with pytest.raises(ZeroDivisionError):
         run_stage(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("stage, path", [("train", "data/prepared/train.npz"), ("export", "models/model.pt")])
+def test_an_unreadable_input_is_a_permission_problem_not_a_corrupt_file(work, stage, path):
+    (work / path).chmod(0o200)
+    result = run_stage_cli(stage, work, preexec_fn=without_root_privileges)
+    assert_one_line_error(result, f"{path}: permission denied; make it and {os.path.dirname(path)} readable and writable for you")
