@@ -19,6 +19,7 @@ def gist(error: Exception, limit: int = 160) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 1] + "…"
 
 
+ACCESS_ADVICE = "make it and {directory} readable and writable for you (ls -ld shows who owns them)"
 # The OSErrors that are the disk's or the file system's doing, not a bug in a stage: what each means, and what to do
 # ({directory}: the directory of the path at fault). Any other OSError keeps its traceback.
 DISK_FAULTS = {
@@ -29,8 +30,8 @@ DISK_FAULTS = {
         "raise the limit (ulimit -f) or write to another file system, and run the stage again",
     ),
     errno.EROFS: ("the file system is read-only", "run the pipeline in a writable copy of the repository"),
-    errno.EACCES: ("permission denied", "make it and {directory} readable and writable for you (ls -ld shows who owns them)"),
-    errno.EPERM: ("operation not permitted", "make it and {directory} readable and writable for you (ls -ld shows who owns them)"),
+    errno.EACCES: ("permission denied", ACCESS_ADVICE),
+    errno.EPERM: ("operation not permitted", ACCESS_ADVICE),
     errno.EISDIR: ("is a directory where a file should be", "move that directory away or remove it"),
     errno.ENOTDIR: ("a part of the path is a file where a directory should be", "move that file away or remove it"),
     errno.EEXIST: ("is a file where a directory should be", "move that file away or remove it"),
