@@ -12,13 +12,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.errors import PipelineError, run_stage
-from stages.files import atomic_path, remove_stale_temp_files
+from stages.errors import DISK_FAULTS, PipelineError, run_stage
+from stages.files import atomic_path, remove_stale_temp_files, require_free_space
 from stages.params import load_params
 
 OUTPUT_DIR = Path("data/raw")
 MIRRORS_ENV = "MNIST_PIPELINE_MIRRORS"
 CHUNK = 1 << 20
+MEGABYTE = 10**6  # download.max_megabytes counts these
 
 
 class DownloadFailed(Exception):
@@ -42,30 +43,59 @@ def mirrors_to_try(configured: list[str]) -> list[str]:
     return [mirror_base_url(m) for m in from_env + configured]
 
 
-def content_sha256(path: Path) -> str:
-    """SHA-256 of the decompressed content: mirrors recompress, so the .gz bytes are not comparable."""
+def too_large(max_bytes: int) -> str:
+    return f"more than {max_bytes / MEGABYTE:g} MB, the limit download.max_megabytes sets"
+
+
+def content_sha256(path: Path, max_bytes: int | None = None) -> str:
+    """SHA-256 of the decompressed content: mirrors recompress, so the .gz bytes are not comparable.
+
+    A file that decompresses to more than max_bytes fails (a gzip bomb, an endless stream) before the disk fills.
+    """
     digest = hashlib.sha256()
+    size = 0
     try:
         with gzip.open(path, "rb") as stream:
             while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise DownloadFailed(f"decompresses to {too_large(max_bytes)}", permanent=True)
                 digest.update(chunk)
     except (OSError, EOFError, zlib.error) as error:
         raise DownloadFailed(f"not a complete gzip file ({error})", permanent=True) from None
     return digest.hexdigest()
 
 
-def fetch(url: str, destination: Path, timeout: float) -> None:
-    """Stream a URL to a file with a progress bar; any network or HTTP failure becomes DownloadFailed."""
+def fetch(url: str, destination: Path, timeout: float, *, max_bytes: int | None, deadline: float | None) -> None:
+    """Stream a URL to a file with a progress bar; any network or HTTP failure becomes DownloadFailed.
+
+    timeout bounds each wait for data; deadline (seconds) the whole transfer, so that a mirror trickling a byte
+    at a time fails too: it is checked after every read, so it is overrun by at most one timeout. No more than
+    max_bytes are written, whatever Content-Length says. A failed write is the disk's fault, not the mirror's:
+    it propagates (stages.errors.DISK_FAULTS), and the stage stops.
+    """
+    started = time.monotonic()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, destination.open("wb") as out:
             size = int(response.headers.get("Content-Length") or 0) or None
+            if size is not None and max_bytes is not None and size > max_bytes:
+                raise DownloadFailed(f"announces {size} bytes, {too_large(max_bytes)}", permanent=True)
+            if size is not None:
+                require_free_space(destination.parent, size, "the download")
             name = url.rsplit("/", 1)[-1]
             received = 0
             with tqdm(total=size, unit="B", unit_scale=True, desc=name, disable=None, leave=False) as bar:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
+                while chunk := response.read1(CHUNK):  # read1: what has arrived, so the deadline is checked often
                     received += len(chunk)
+                    if max_bytes is not None and received > max_bytes:
+                        raise DownloadFailed(f"sent {too_large(max_bytes)}", permanent=True)
+                    out.write(chunk)
                     bar.update(len(chunk))
+                    if deadline is not None and time.monotonic() - started > deadline:
+                        raise DownloadFailed(
+                            f"not finished within download.deadline = {deadline:g} s ({received} bytes received)",
+                            permanent=True,  # a mirror this slow would take as long again
+                        )
             if size is not None and received != size:
                 raise DownloadFailed(f"connection closed after {received} of {size} bytes", permanent=False)
     except urllib.error.HTTPError as error:
@@ -77,27 +107,46 @@ def fetch(url: str, destination: Path, timeout: float) -> None:
     except (ValueError, http.client.InvalidURL) as error:  # a malformed URL in MNIST_PIPELINE_MIRRORS
         raise DownloadFailed(f"not a valid URL ({error})", permanent=True) from None
     except (OSError, http.client.HTTPException, TimeoutError) as error:
+        if isinstance(error, OSError) and error.errno in DISK_FAULTS:  # writing our temp file failed
+            raise
         raise DownloadFailed(f"{type(error).__name__}: {error}", permanent=False) from None
 
 
-def download_verified(url: str, target: Path, expected_sha256: str, timeout: float) -> None:
-    """Download to a temp file and rename it to `target` only once its content hash is the expected one."""
+def download_verified(
+    url: str, target: Path, expected_sha256: str, timeout: float, *, max_bytes: int | None, deadline: float | None
+) -> None:
+    """Download to a temp file and rename it to `target` only once its content hash is the expected one.
+
+    max_bytes bounds the download and its decompressed content; deadline each transfer (see fetch).
+    """
     with atomic_path(target) as temp:
-        fetch(url, temp, timeout)
-        actual = content_sha256(temp)
+        fetch(url, temp, timeout, max_bytes=max_bytes, deadline=deadline)
+        actual = content_sha256(temp, max_bytes)
         if actual != expected_sha256:
             raise DownloadFailed(f"content SHA-256 is {actual}, expected {expected_sha256}", permanent=True)
 
 
-def download_file(name: str, expected_sha256: str, mirrors: list[str], timeout: float, retries: int) -> str:
-    """Try each mirror in turn (each up to 1 + retries times); return the URL that worked."""
+def download_file(
+    name: str,
+    expected_sha256: str,
+    mirrors: list[str],
+    timeout: float,
+    retries: int,
+    *,
+    max_bytes: int | None,
+    deadline: float | None,
+) -> str:
+    """Try each mirror in turn (each up to 1 + retries times); return the URL that worked.
+
+    max_bytes and deadline bound each attempt (None: no bound); a mirror past either fails over at once.
+    """
     target = OUTPUT_DIR / name
     failures = []
     for base in mirrors:
         url = base + name
         for attempt in range(retries + 1):
             try:
-                download_verified(url, target, expected_sha256, timeout)
+                download_verified(url, target, expected_sha256, timeout, max_bytes=max_bytes, deadline=deadline)
                 return url
             except DownloadFailed as failure:
                 reason = str(failure)
@@ -114,9 +163,9 @@ def download_file(name: str, expected_sha256: str, mirrors: list[str], timeout: 
     )
 
 
-def already_verified(path: Path, expected_sha256: str) -> bool:
+def already_verified(path: Path, expected_sha256: str, max_bytes: int | None) -> bool:
     try:
-        return path.is_file() and content_sha256(path) == expected_sha256
+        return path.is_file() and content_sha256(path, max_bytes) == expected_sha256
     except DownloadFailed:
         return False
 
@@ -126,11 +175,14 @@ def main() -> None:
     mirrors = mirrors_to_try(params.mirrors)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(OUTPUT_DIR)  # of a run killed mid-download: first, so none survives a failed run either
+    max_bytes = params.max_megabytes * MEGABYTE
     for name, expected in params.sha256.items():
-        if already_verified(OUTPUT_DIR / name, expected):
+        if already_verified(OUTPUT_DIR / name, expected, max_bytes):
             print(f"{name}: already present and verified")
             continue
-        url = download_file(name, expected, mirrors, params.timeout, params.retries)
+        url = download_file(
+            name, expected, mirrors, params.timeout, params.retries, max_bytes=max_bytes, deadline=params.deadline
+        )
         print(f"{name}: verified, from {url}")
         working = url.removesuffix(name)
         mirrors = [working] + [m for m in mirrors if m != working]  # spare the next files the dead mirrors

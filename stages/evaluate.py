@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from stages.errors import run_stage
-from stages.files import atomic_dir, atomic_path, write_json
+from stages.files import atomic_directory, atomic_path, dump_json
 from stages.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
 from stages.params import load_params
 from stages.prepared import load_split
@@ -90,7 +90,7 @@ def write_gallery(
     """metrics/misclassified/: the `size` surest mistakes as PNGs named by rank alone (01.png, ...), so DVC shows them
     in that order and `dvc plots diff` puts the same rank of each revision side by side."""
     confidence = logits.softmax(1).max(1).values.numpy()
-    with atomic_dir(GALLERY_DIR) as temp:
+    with atomic_directory(GALLERY_DIR) as temp:
         for rank, index in enumerate(surest_mistakes(actual, confidence, predicted, size), start=1):
             caption = [
                 f"true: {class_names[actual[index]]}",
@@ -116,10 +116,12 @@ def main() -> None:
         "best_epoch": checkpoint["epoch"],
         "device": device.type,
     }
-    write_json(METRICS_FILE, metrics)
-    write_per_class(actual, predicted, class_names)
-    write_predictions(actual, predicted, class_names)
-    write_gallery(images, actual, predicted, logits, class_names, params.gallery_size)
+    # eval.json is renamed last, once every plot file is written: a failed run leaves the last complete set.
+    with atomic_path(METRICS_FILE) as metrics_temp:
+        dump_json(metrics_temp, metrics)
+        write_per_class(actual, predicted, class_names)
+        write_predictions(actual, predicted, class_names)
+        write_gallery(images, actual, predicted, logits, class_names, params.gallery_size)
     print(
         f"test accuracy {metrics['accuracy']:.4f}, macro precision {metrics['precision_macro']:.4f}, "
         f"recall {metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} on {len(actual)} images ({device.type})"

@@ -126,6 +126,8 @@ def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the train stage first (dvc repro train)") from None
+    except (PermissionError, IsADirectoryError):
+        raise  # the file system's doing, not a damaged file: stages.errors.run_stage says so
     except pickle.UnpicklingError:
         raise PipelineError(
             f"{path} is not a model checkpoint: it holds something other than tensors and plain data, "

@@ -107,6 +107,8 @@ class DownloadParams:
     sha256: dict = rule(Rule("a mapping of " + ", ".join(MNIST_FILES) + " to 64 lowercase hex digits", _is_sha256_table))
     timeout: float = rule(number(0, 600, low_open=True))
     retries: int = rule(integer(0, 10))
+    deadline: float = rule(number(0, 86400, low_open=True))
+    max_megabytes: int = rule(integer(1, 100000))
 
 
 @dataclass(frozen=True)

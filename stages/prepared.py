@@ -1,24 +1,36 @@
 """The data/prepared/ format that preprocess writes and the later stages read: one .npz per split, plus meta.json."""
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from stages.errors import PipelineError
-from stages.files import atomic_path, write_json
+from stages.files import atomic_path, dump_json, require_free_space
 
 PREPARED_DIR = Path("data/prepared")
 
 
-def save_split(name: str, images: np.ndarray, labels: np.ndarray) -> None:
+def write_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """uint8 images (N, H, W) and uint8 labels (N,), uncompressed: small on disk and fast to load."""
-    with atomic_path(PREPARED_DIR / f"{name}.npz") as temp, temp.open("wb") as out:
+    with path.open("wb") as out:
         np.savez(out, images=images, labels=labels)
 
 
-def save_meta(meta: dict) -> None:
-    write_json(PREPARED_DIR / "meta.json", meta)
+def save_split(name: str, images: np.ndarray, labels: np.ndarray) -> None:
+    with atomic_path(PREPARED_DIR / f"{name}.npz") as temp:
+        write_split(temp, images, labels)
+
+
+def save_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    """Every split and meta.json, after checking the disk has room for them, renamed into place together once all
+    are written: a failure half-way (a full disk) keeps the whole previous set, never new splits beside old ones."""
+    require_free_space(PREPARED_DIR, sum(array.nbytes for pair in splits.values() for array in pair), "preprocess")
+    with contextlib.ExitStack() as renamed_at_the_end:  # each atomic_path renames on leaving: all at the block's end
+        for name, (images, labels) in splits.items():
+            write_split(renamed_at_the_end.enter_context(atomic_path(PREPARED_DIR / f"{name}.npz")), images, labels)
+        dump_json(renamed_at_the_end.enter_context(atomic_path(PREPARED_DIR / "meta.json")), meta)
 
 
 def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +40,8 @@ def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
             return arrays["images"], arrays["labels"]
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the preprocess stage first (dvc repro preprocess)") from None
+    except (PermissionError, IsADirectoryError):
+        raise  # the file system's doing, not a corrupt file: stages.errors.run_stage says so
     except (OSError, ValueError, KeyError) as error:
         raise PipelineError(f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)") from None
 

@@ -7,7 +7,7 @@ import numpy as np
 from stages.errors import PipelineError, run_stage
 from stages.idx import read_idx
 from stages.params import MNIST_FILES, load_params
-from stages.prepared import save_meta, save_split
+from stages.prepared import save_prepared
 
 RAW_DIR = Path("data/raw")
 CLASS_NAMES = [str(digit) for digit in range(10)]
@@ -68,12 +68,10 @@ def main() -> None:
         "val": (images[val], labels[val]),
         "test": (test_images, test_labels),
     }
-    for name, (split_images, split_labels) in splits.items():
-        save_split(name, split_images, split_labels)
-
     # Normalisation statistics come from the training split only, so nothing leaks from validation or test.
     train_pixels = splits["train"][0] / np.float32(255)
-    save_meta(
+    save_prepared(
+        splits,
         {
             "counts": {name: len(split_labels) for name, (_, split_labels) in splits.items()},
             "image_size": list(images.shape[1:]),

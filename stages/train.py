@@ -17,7 +17,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from stages.errors import gist, run_stage
-from stages.files import atomic_path
+from stages.files import atomic_directory, atomic_path, require_free_space
 from stages.model import CNN, MODEL_FILE, PixelClassifier, pick_device, predict_logits, save_checkpoint
 from stages.params import ModelParams, Params, TrainParams, load_params
 from stages.prepared import load_meta, load_split
@@ -196,6 +196,11 @@ def train(
     model = PixelClassifier(network, meta["mean"], meta["std"]).to(device, memory_format=torch.channels_last)
     steps_per_epoch = -(-len(train_labels) // params.batch_size)
     optimizer = make_optimizer(params, model, device)
+    if resume_file:
+        # Its state file holds the weights, the best epoch's weights and up to two optimiser moments per weight,
+        # and model.pt the weights once more.
+        weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+        require_free_space(resume_file.parent, 5 * weights, "train")
     schedule = make_schedule(params, optimizer, params.epochs * steps_per_epoch)
     autocast, scaler = autocast_for(device, params.mixed_precision)
     step_model = torch.compile(model) if params.compile else model
@@ -258,10 +263,11 @@ def train(
         if val_accuracy > best["val_accuracy"]:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "state_dict": copy.deepcopy(network.state_dict())}
         if resume_file:
-            with atomic_path(resume_file) as temp:
+            # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
+            with atomic_path(resume_file) as temp, temp.open("wb") as out:
                 parts = {name: part.state_dict() for name, part in resumable.items()}
                 state = {"fingerprint": fingerprint, "history": history, "best": best, "rng": rng_states(generator, device)}
-                torch.save({**state, **parts}, temp)
+                torch.save({**state, **parts}, out)
         on_epoch(result, model)
 
     network.load_state_dict(best["state_dict"])
@@ -270,8 +276,9 @@ def train(
 
 def main() -> None:
     params: Params = load_params()
-    device = pick_device(params.train.device, "train.device")  # before DVCLive clears the last run's logs
-    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    device = pick_device(params.train.device, "train.device")
+    # DVCLive writes file by file: into a temp directory that replaces the last run's logs only if training ends.
+    with atomic_directory(LIVE_DIR) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
         def log_epoch(result: dict, model: PixelClassifier) -> None:
             for name in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:

@@ -105,9 +105,11 @@ def stage_command(stage: str) -> list[str]:
     return [sys.executable, "-m", f"stages.{stage}"]
 
 
-def run_stage_cli(stage: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m stages.<stage>` in `cwd` (the current directory by default), as DVC runs it."""
-    return subprocess.run(stage_command(stage), cwd=cwd, capture_output=True, text=True, env=STAGE_ENV)
+def run_stage_cli(stage: str, cwd: Path | None = None, **options) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage>` in `cwd` (the current directory by default), as DVC runs it; `options` go to
+    subprocess.run (a preexec_fn that limits the child, another env, for instance)."""
+    options.setdefault("env", STAGE_ENV)
+    return subprocess.run(stage_command(stage), cwd=cwd, capture_output=True, text=True, **options)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, start: str) -> None:

@@ -1,9 +1,12 @@
 """The download stage: verified by content hash, retried, failing over between mirrors, never half-written."""
 
+import contextlib
 import dataclasses
 import gzip
+import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,9 @@ from stages.errors import PipelineError
 from stages.params import MNIST_FILES, load_params
 
 NAME = MNIST_FILES[1]
+# download.max_megabytes and download.deadline in these tests: synthetic files are a few hundred kB at most.
+MAX_MEGABYTES, DEADLINE = 1, 2.0
+LIMITS = {"max_bytes": MAX_MEGABYTES * download.MEGABYTE, "deadline": DEADLINE}
 
 
 @pytest.fixture
@@ -30,7 +36,7 @@ def mirrors(http_root, workdir):
 
 def test_fails_over_from_broken_mirrors_to_a_good_one(mirrors, capsys):
     urls, hashes = mirrors
-    used = download.download_file(NAME, hashes[NAME], [urls["missing"], urls["corrupt"], urls["good"]], 5, 1)
+    used = download.download_file(NAME, hashes[NAME], [urls["missing"], urls["corrupt"], urls["good"]], 5, 1, **LIMITS)
     assert used == urls["good"] + NAME
     assert download.content_sha256(download.OUTPUT_DIR / NAME) == hashes[NAME]
 
@@ -38,7 +44,7 @@ def test_fails_over_from_broken_mirrors_to_a_good_one(mirrors, capsys):
 def test_checksum_mismatch_fails_and_writes_nothing(mirrors):
     urls, hashes = mirrors
     with pytest.raises(PipelineError) as raised:
-        download.download_file(NAME, hashes[NAME], [urls["corrupt"]], 5, 0)
+        download.download_file(NAME, hashes[NAME], [urls["corrupt"]], 5, 0, **LIMITS)
     assert "content SHA-256 is" in str(raised.value) and f"expected {hashes[NAME]}" in str(raised.value)
     assert list(download.OUTPUT_DIR.iterdir()) == [], "no partial or temp file may be left behind"
 
@@ -46,7 +52,7 @@ def test_checksum_mismatch_fails_and_writes_nothing(mirrors):
 def test_all_mirrors_failing_lists_each_and_explains_the_local_mirror(mirrors):
     urls, hashes = mirrors
     with pytest.raises(PipelineError) as raised:
-        download.download_file(NAME, hashes[NAME], [urls["missing"], "http://127.0.0.1:9/"], 1, 1)
+        download.download_file(NAME, hashes[NAME], [urls["missing"], "http://127.0.0.1:9/"], 1, 1, **LIMITS)
     message = str(raised.value)
     assert f"{urls['missing']}{NAME}: HTTP 404" in message
     assert f"http://127.0.0.1:9/{NAME}:" in message
@@ -57,15 +63,15 @@ def test_transient_failure_is_retried(mirrors, monkeypatch):
     urls, hashes = mirrors
     real_fetch, calls = download.fetch, []
 
-    def flaky_fetch(url, destination, timeout):
+    def flaky_fetch(url, destination, timeout, **limits):
         calls.append(url)
         if len(calls) == 1:
             raise download.DownloadFailed("connection reset", permanent=False)
-        real_fetch(url, destination, timeout)
+        real_fetch(url, destination, timeout, **limits)
 
     monkeypatch.setattr(download, "fetch", flaky_fetch)
     monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
-    assert download.download_file(NAME, hashes[NAME], [urls["good"]], 5, 1) == urls["good"] + NAME
+    assert download.download_file(NAME, hashes[NAME], [urls["good"]], 5, 1, **LIMITS) == urls["good"] + NAME
     assert calls == [urls["good"] + NAME] * 2
 
 
@@ -91,7 +97,7 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
 def _params_with(hashes, mirror_urls=("http://127.0.0.1:9/",)):
     """params.yaml with the download section pointed at test mirrors and synthetic hashes."""
     params = load_params()
-    download_params = dataclasses.replace(params.download, mirrors=list(mirror_urls), sha256=hashes, timeout=1, retries=0)
+    download_params = dataclasses.replace(params.download, mirrors=list(mirror_urls), sha256=hashes, timeout=1, retries=0, deadline=DEADLINE, max_megabytes=MAX_MEGABYTES)
     return dataclasses.replace(params, download=download_params)
 
 
@@ -100,9 +106,9 @@ def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):
     tried = []
     real_fetch = download.fetch
 
-    def recording_fetch(url, destination, timeout):
+    def recording_fetch(url, destination, timeout, **limits):
         tried.append(url)
-        real_fetch(url, destination, timeout)
+        real_fetch(url, destination, timeout, **limits)
 
     monkeypatch.setattr(download, "fetch", recording_fetch)
     monkeypatch.setattr(download, "load_params", lambda: _params_with(hashes, [urls["missing"], urls["good"]]))
@@ -121,9 +127,15 @@ FAULTS = {
     "cut": ("not a complete gzip file", "permanent"),
     "wrong": ("content SHA-256 is", "permanent"),
     "notgzip": ("not a complete gzip file", "permanent"),
+    "endless": (f"sent more than {MAX_MEGABYTES} MB, the limit download.max_megabytes sets", "permanent"),
+    "liar": (f"announces {10 * LIMITS['max_bytes']} bytes, more than {MAX_MEGABYTES} MB", "permanent"),
+    "understated": ("not a complete gzip file", "permanent"),
+    "trickle": (f"not finished within download.deadline = {DEADLINE:g} s", "permanent"),
+    "bomb": (f"decompresses to more than {MAX_MEGABYTES} MB", "permanent"),
 }
 TIMEOUT = 0.2  # download.timeout in these tests: the "timeout" mirror says nothing for STALL seconds
 STALL = 1.0
+TRICKLE = TIMEOUT / 4  # seconds between the bytes the "trickle" mirror sends: each read gets data in time
 
 
 class FaultyHandler(QuietHandler):
@@ -143,11 +155,30 @@ class FaultyHandler(QuietHandler):
         if fault in ("404", "500"):
             self.send_error(int(fault))
             return
+        if fault in ("endless", "liar", "understated"):  # zeros without end, until the client hangs up
+            lengths = {"liar": 10 * LIMITS["max_bytes"], "understated": 1000}
+            self.send_response(200)
+            if fault in lengths:
+                self.send_header("Content-Length", str(lengths[fault]))
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+        if fault == "trickle":  # the right file, one byte at a time, each well within the read timeout
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(good)))
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):
+                for offset in range(len(good)):
+                    self.wfile.write(good[offset : offset + 1])
+                    threading.Event().wait(TRICKLE)
+            return
         body = {
             "truncated": good,  # only half of it is sent, below
             "cut": good[: len(good) // 2],  # a complete response holding an incomplete gzip
             "wrong": (Path(self.directory) / "good" / sibling(name)).read_bytes(),  # another file of the set
             "notgzip": b"<html><body>This mirror has moved.</body></html>",
+            "bomb": gzip.compress(bytes(2 * LIMITS["max_bytes"])),  # a few kB that decompress past the limit
         }[fault]
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -187,7 +218,7 @@ def test_each_mirror_fault_is_detected_named_and_retried_only_if_transient(fault
     urls, hashes, requested = faulty
     monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
     with pytest.raises(PipelineError) as raised:
-        download.download_file(NAME, hashes[NAME], [urls[fault]], TIMEOUT, retries=1)
+        download.download_file(NAME, hashes[NAME], [urls[fault]], TIMEOUT, retries=1, **LIMITS)
     words, kind = FAULTS[fault]
     assert f"{urls[fault]}{NAME}: " in str(raised.value) and words in str(raised.value)
     if fault != "refused":
@@ -198,7 +229,7 @@ def test_each_mirror_fault_is_detected_named_and_retried_only_if_transient(fault
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fault):
     urls, hashes, _ = faulty
-    assert download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0) == urls["good"] + NAME
+    assert download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS) == urls["good"] + NAME
     assert files_in(download.OUTPUT_DIR) == [NAME]
     assert download.content_sha256(download.OUTPUT_DIR / NAME) == hashes[NAME]
 
@@ -206,7 +237,7 @@ def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fau
 def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty):
     urls, hashes, _ = faulty
     mirrors = [urls[fault] for fault in FAULTS]
-    update_params(Path("params.yaml"), {"download": {"mirrors": mirrors, "sha256": hashes, "timeout": TIMEOUT, "retries": 0}})
+    update_params(Path("params.yaml"), {"download": {"mirrors": mirrors, "sha256": hashes, "timeout": TIMEOUT, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}})
     download.OUTPUT_DIR.mkdir(parents=True)
     (download.OUTPUT_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
     result = run_stage_cli("download")
@@ -219,4 +250,21 @@ def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty)
 
 def test_malformed_mirror_url_from_the_environment_is_a_clear_failure(workdir):
     with pytest.raises(PipelineError, match=r"http://\[::1/train-labels-idx1-ubyte.gz: not a valid URL"):
-        download.download_file(NAME, "0" * 64, ["http://[::1/"], TIMEOUT, retries=1)
+        download.download_file(NAME, "0" * 64, ["http://[::1/"], TIMEOUT, retries=1, **LIMITS)
+
+
+@pytest.mark.parametrize("fault", ["endless", "liar", "trickle"])
+def test_an_endless_or_trickling_mirror_fails_over_within_the_deadline(faulty, fault):
+    urls, hashes, _ = faulty
+    started = time.monotonic()
+    assert download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS) == urls["good"] + NAME
+    # The trickle would take hours; the deadline ends it, overrun by at most one read timeout, plus slack for a busy CPU.
+    assert time.monotonic() - started < DEADLINE + TIMEOUT + 3
+
+
+def test_a_disk_that_cannot_hold_the_announced_size_stops_the_stage_instead_of_failing_over(faulty, monkeypatch):
+    urls, hashes, requested = faulty
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(PipelineError, match=r"^data/raw: not enough free space: the download needs [\d.]+ MB there, 0.0 MB are free"):
+        download.download_file(NAME, hashes[NAME], [urls["good"], urls["good"]], TIMEOUT, 1, **LIMITS)
+    assert len(requested) == 1 and files_in(download.OUTPUT_DIR) == []

@@ -42,6 +42,8 @@ def write_params(path, section, key, value):
         ("download", "mirrors", ["htp://example.org/mnist/"], "http(s):// or file:// base URLs or directories"),
         ("download", "mirrors", ["http://127.0.0.1:port/"], "http(s):// or file:// base URLs or directories"),
         ("export", "opset", 13, "an integer from 18 to 23"),
+        ("download", "deadline", 0, "a number in (0, 86400]"),
+        ("download", "max_megabytes", 0.5, "an integer from 1 to 100000"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_allowed(tmp_path, section, key, value, allowed):
