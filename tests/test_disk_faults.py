@@ -95,7 +95,7 @@ def full_disk_at(monkeypatch, owner, name: str, call: int) -> None:
     [
         # The second split: the first is written by then, and must not replace the old one alone.
         (preprocess, np, "savez", 2, "data/prepared/val.npz"),
-        (evaluate, csv, "writer", 1, "metrics/predictions.csv"),  # after eval.json, which must not replace the old one
+        (evaluate, csv, "writer", 1, "metrics/per_class.csv"),  # after eval.json, which must not replace the old one
         (export, onnx, "save_model", 1, "models/model.onnx"),
     ],
     ids=["preprocess", "evaluate", "export"],
