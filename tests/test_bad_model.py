@@ -80,15 +80,16 @@ def test_bad_checkpoint_is_a_one_line_error_naming_the_file_and_runs_no_code(tmp
 
 OUTPUTS = {
     "evaluate": [evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE],
-    "export": [export.ONNX_FILE, export.METRICS_FILE],
+    "export": [export.ONNX_FILE, export.INT8_FILE, export.METRICS_FILE],
 }
 
 
 @pytest.fixture
 def trained(workdir):
-    """A workdir as the train stage leaves it: the prepared test split and a small models/model.pt."""
+    """A workdir as the train stage leaves it: the prepared train and test splits and a small models/model.pt."""
     images, labels = synthetic_digits(50, seed=3)
     save_split("test", images, labels)
+    save_split("train", *synthetic_digits(200, seed=4))
     write_checkpoint(workdir / MODEL_FILE)
     return workdir
 
@@ -123,9 +124,10 @@ def test_export_keeps_the_last_model_onnx_when_the_new_one_fails_verification(tr
     (trained / export.ONNX_FILE).write_bytes(b"the last good model")
     monkeypatch.setattr(export, "export_onnx", fake_export)
     if fault == "its predictions differ":
-        monkeypatch.setattr(export, "onnx_logits", lambda path, pixels: np.zeros((len(pixels), 10), dtype=np.float32))
+        zeros = lambda path, pixels: (np.zeros((len(pixels), 10), dtype=np.float32),) * 2  # noqa: E731
+        monkeypatch.setattr(export, "onnx_outputs", zeros)
     message = "onnxruntime cannot run the exported model" if fault == "onnxruntime cannot load it" else "disagrees with PyTorch"
-    with pytest.raises(PipelineError, match=f"{message}.*models/model.onnx was not written"):
+    with pytest.raises(PipelineError, match=f"{message}.*models/model.onnx and models/model.int8.onnx were not written"):
         export.main()
     assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
