@@ -10,6 +10,7 @@ import argparse
 import gzip
 import json
 import sys
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -122,7 +123,10 @@ def grey_levels(image: Image.Image) -> np.ndarray:
 
 def read_image_file(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it in one line
+            image = Image.open(path)
+        with image:
             if image.width * image.height > MAX_PIXELS:
                 raise PipelineError(f"{path}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} "
                                     f"this command decodes (it would take too much memory)")
