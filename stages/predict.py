@@ -58,7 +58,8 @@ class Classifier:
         inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]
         shape = inputs[0].shape
         names = self.session.get_modelmeta().custom_metadata_map.get("class_names", "")
-        if inputs[0].name != INPUT_NAME or len(shape) != 4 or LOGITS not in outputs or not names:
+        fixed_size = len(shape) == 4 and all(isinstance(side, int) for side in shape[2:])
+        if inputs[0].name != INPUT_NAME or not fixed_size or LOGITS not in outputs or not names:
             raise PipelineError(f"{path} is not a model exported by this pipeline: it lacks the '{INPUT_NAME}' input "
                                 f"(N, 1, H, W), the '{LOGITS}' output or its class names")
         self.class_names = names.split(",")
@@ -224,6 +225,8 @@ def format_row(name: str, index: int | None, ranked: list[tuple[str, float]], as
 
 def predict(paths: list[str], model: Path | str, top: int, as_json: bool, threads: int = 0) -> int:
     """Print one row per image and one line per file that could not be read; returns how many files failed."""
+    if threads < 0:
+        raise PipelineError(f"--threads {threads} is not allowed; expected 0 (every core) or more")
     classifier = Classifier(model, threads)
     if not 1 <= top <= len(classifier.class_names):
         raise PipelineError(f"--top {top} is not allowed; expected 1 to {len(classifier.class_names)} (the model's classes)")

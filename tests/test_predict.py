@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import predict
+from stages.errors import PipelineError
 from stages.idx import write_idx
 
 
@@ -149,6 +150,8 @@ def test_cli_rejects_a_missing_model_and_a_bad_top_in_one_line(models, tmp_path)
     assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path}/fake.onnx is not an ONNX model")
     result = run_predict(image, "--model", models / "model.onnx", "--top", 11)
     assert result.returncode == 1 and result.stderr == "error: --top 11 is not allowed; expected 1 to 10 (the model's classes)\n"
+    with pytest.raises(PipelineError, match=r"^--threads -1 is not allowed; expected 0 \(every core\) or more$"):
+        predict.predict([str(image)], models / "model.onnx", 3, as_json=False, threads=-1)
     result = run_predict(tmp_path / "missing.png", image, "--model", models / "model.onnx")
     assert result.returncode == 1 and result.stderr == f"error: {tmp_path}/missing.png not found\n"
     assert result.stdout.startswith(str(image))
