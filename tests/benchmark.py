@@ -234,7 +234,7 @@ OPPONENTS = {"onnxruntime fp32": ("PyTorch eager, channels-last", "channels-last
              "onnxruntime int8": ("onnxruntime fp32", "fp32", 1.5)}
 
 
-def inference() -> dict[str, str]:
+def inference(rounds: int = 7) -> dict[str, str]:
     """models/model.pt in PyTorch eager against its ONNX export in onnxruntime, fp32 and int8, at batch 1000 and
     batch 1, with the same threads. Eager runs in its best form: channels-last under inference_mode (as loaded,
     the way the evaluate stage runs it, is shown too). Each ratio is against the fairest opponent: onnxruntime
@@ -265,7 +265,7 @@ def inference() -> dict[str, str]:
         }
         ratios = {}
         for batch, repeats in [(1000, 10), (1, 500)]:
-            rates = best_images_per_second(runtimes, pixels[:batch], repeats=repeats)
+            rates = best_images_per_second(runtimes, pixels[:batch], rounds, repeats)
             for name, rate in rates.items():
                 speed = f"{rate:,.0f} images/s" if batch > 1 else f"{1000 / rate:.3f} ms per image"
                 if name not in OPPONENTS:

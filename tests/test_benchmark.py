@@ -37,7 +37,7 @@ def test_the_classic_cnn_costs_7_08_mflop_per_training_image():
 
 
 def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(trained_workdir, capsys):
-    summary = benchmark.inference()
+    summary = benchmark.inference(rounds=1)
     output = capsys.readouterr().out
     assert float(summary["ort_speedup"]) > 0 and float(summary["int8_speedup"]) > 0
     for batch in [1000, 1]:
