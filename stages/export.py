@@ -30,16 +30,19 @@ class WithProbabilities(nn.Module):
 
     Each block's activation moves back before its max-pooling: the same function (every activation offered is
     monotonic), and onnxruntime fuses an activation into the convolution before it, but not into a pooling.
+    Networks without a `features` sequence of layers are exported as they are.
     """
 
     def __init__(self, model: PixelClassifier):
         super().__init__()
         self.model = copy.deepcopy(model)
-        layers = list(self.model.network.features)
-        for i in range(len(layers) - 1):
-            if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], tuple(ACTIVATIONS.values())):
-                layers[i], layers[i + 1] = layers[i + 1], layers[i]
-        self.model.network.features = nn.Sequential(*layers)
+        features = getattr(self.model.network, "features", None)
+        if isinstance(features, nn.Sequential):
+            layers = list(features)
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], tuple(ACTIVATIONS.values())):
+                    layers[i], layers[i + 1] = layers[i + 1], layers[i]
+            self.model.network.features = nn.Sequential(*layers)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(pixels)
