@@ -1,1 +1,1 @@
-"""mnist-pipeline: one module per DVC stage (download, preprocess, train, evaluate, export) and the few they share."""
+"""mnist-pipeline: one module per DVC stage (download, preprocess, train, evaluate, export), the few they share, and mnist-predict (predict.py)."""

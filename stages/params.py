@@ -162,6 +162,9 @@ class EvaluateParams:
 class ExportParams:
     opset: int = rule(integer(18, 23))
     tolerance: float = rule(number(0, 1, low_open=True))
+    int8_max_accuracy_drop: float = rule(number(0, 1))
+    calibration_images: int = rule(integer(1, 100000))
+    seed: int = rule(integer(0))
 
 
 @dataclass(frozen=True)

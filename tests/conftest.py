@@ -124,6 +124,7 @@ TINY_PARAMS = {
     "model": {"conv_channels": [4, 8], "fc_units": 16, "dropout": 0.0},
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.01},
     "evaluate": {"batch_size": 64},
+    "export": {"int8_max_accuracy_drop": 0.05},  # one of a hundred or two test images is 0.5 to 1 point
 }
 
 

@@ -1,12 +1,15 @@
 """A missing, damaged or foreign models/model.pt: one clear line naming it, no code run, nothing written by
 evaluate or export; export never leaves a half-written or unverified models/model.onnx."""
 
+import json
 import os
 import pickle
 import random
 import re
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -80,15 +83,16 @@ def test_bad_checkpoint_is_a_one_line_error_naming_the_file_and_runs_no_code(tmp
 
 OUTPUTS = {
     "evaluate": [evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE, evaluate.PER_CLASS_FILE, evaluate.GALLERY_DIR],
-    "export": [export.ONNX_FILE, export.METRICS_FILE],
+    "export": [export.ONNX_FILE, export.INT8_FILE, export.METRICS_FILE],
 }
 
 
 @pytest.fixture
 def trained(workdir):
-    """A workdir as the train stage leaves it: the prepared test split and a small models/model.pt."""
+    """A workdir as the train stage leaves it: the prepared train and test splits and a small models/model.pt."""
     images, labels = synthetic_digits(50, seed=3)
     save_split("test", images, labels)
+    save_split("train", *synthetic_digits(200, seed=4))
     write_checkpoint(workdir / MODEL_FILE)
     return workdir
 
@@ -123,10 +127,47 @@ def test_export_keeps_the_last_model_onnx_when_the_new_one_fails_verification(tr
     (trained / export.ONNX_FILE).write_bytes(b"the last good model")
     monkeypatch.setattr(export, "export_onnx", fake_export)
     if fault == "its predictions differ":
-        monkeypatch.setattr(export, "onnx_logits", lambda path, pixels: np.zeros((len(pixels), 10), dtype=np.float32))
+        zeros = lambda path, pixels: (np.zeros((len(pixels), 10), dtype=np.float32),) * 2  # noqa: E731
+        monkeypatch.setattr(export, "onnx_outputs", zeros)
     message = "onnxruntime cannot run the exported model" if fault == "onnxruntime cannot load it" else "disagrees with PyTorch"
-    with pytest.raises(PipelineError, match=f"{message}.*models/model.onnx was not written"):
+    with pytest.raises(PipelineError, match=f"{message}.*models/model.onnx and models/model.int8.onnx were not written"):
         export.main()
     assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
     assert not (trained / export.METRICS_FILE).exists()
+
+
+def test_an_int8_model_that_loses_accuracy_fails_the_export_and_writes_nothing(trained, monkeypatch):
+    """The int8 check compares accuracies on the test set: an int8 model that gets every image wrong stops the
+    stage, and neither model nor the metrics are written."""
+    (trained / export.ONNX_FILE).write_bytes(b"the last good model")
+    _, labels = synthetic_digits(50, seed=3)
+    real_outputs = export.onnx_outputs
+
+    def int8_always_wrong(path, pixels):
+        logits, probabilities = real_outputs(path, pixels)
+        if path.name.startswith(f".{export.INT8_FILE.name}."):  # atomic_path's temp file for the int8 model
+            logits = np.eye(10, dtype=np.float32)[(labels + 1) % 10]
+        return logits, probabilities
+
+    monkeypatch.setattr(export, "onnx_outputs", int8_always_wrong)
+    with pytest.raises(PipelineError, match=r"the int8 model's test accuracy 0\.0000 is .* points below the fp32 model's "
+                       r".*\(export\.int8_max_accuracy_drop = 0\.002\); models/model.onnx and models/model.int8.onnx were not written"):
+        export.main()
+    assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
+    assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
+    assert not (trained / export.METRICS_FILE).exists()
+
+
+def test_export_writes_a_verified_int8_model_with_the_class_names(trained):
+    export.main()
+    metrics = json.loads((trained / export.METRICS_FILE).read_text())
+    assert metrics["onnx_accuracy"] - metrics["int8_accuracy"] <= 0.002 and 0 <= metrics["int8_agreement"] <= 1
+    assert metrics["int8_size_bytes"] == (trained / export.INT8_FILE).stat().st_size < metrics["size_bytes"]
+    assert metrics["calibration_images"] == 200 and metrics["probabilities_max_abs_diff"] <= 1e-4
+    for path in [export.ONNX_FILE, export.INT8_FILE]:
+        session = onnxruntime.InferenceSession(str(trained / path))
+        assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]
+        assert session.get_modelmeta().custom_metadata_map["class_names"] == ",".join(str(d) for d in range(10))
+    ops = {node.op_type for node in onnx.load(trained / export.INT8_FILE).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= ops, "quantised, with the softmax in float"

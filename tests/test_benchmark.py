@@ -36,7 +36,11 @@ def test_the_classic_cnn_costs_7_08_mflop_per_training_image():
     assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure the README quotes
 
 
-def test_inference_compares_onnxruntime_with_eager(trained_workdir, capsys):
-    speedup = benchmark.inference()
+def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(trained_workdir, capsys):
+    summary = benchmark.inference(rounds=1)
     output = capsys.readouterr().out
-    assert speedup > 0 and "onnxruntime" in output and "median latency" in output
+    assert float(summary["ort_speedup"]) > 0 and float(summary["int8_speedup"]) > 0
+    for batch in [1000, 1]:
+        for name in ["PyTorch eager, as loaded", "PyTorch eager, channels-last", "onnxruntime fp32", "onnxruntime int8"]:
+            assert f"batch {batch}: {name}" in output
+    assert "x channels-last eager" in output and "x fp32" in output and "ms per image" in output

@@ -118,7 +118,10 @@ def test_metrics_have_every_key_in_range(project):
     assert set(exported) == {"onnx_accuracy", "max_abs_diff", "size_bytes", "test_images"} and exported["max_abs_diff"] <= 1e-4
     assert exported["onnx_accuracy"] == metrics["accuracy"]
     assert exported["size_bytes"] == (repo / "models/model.onnx").stat().st_size
-    assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.onnx", "model.pt"], (
+    assert 0 <= exported["int8_accuracy"] <= 1 and 0 <= exported["int8_agreement"] <= 1
+    assert exported["onnx_accuracy"] - exported["int8_accuracy"] <= TINY_PARAMS["export"]["int8_max_accuracy_drop"]
+    assert exported["int8_size_bytes"] == (repo / "models/model.int8.onnx").stat().st_size
+    assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.int8.onnx", "model.onnx", "model.pt"], (
         "the ONNX model is one self-contained file, with no external weights beside it"
     )
 
@@ -134,8 +137,10 @@ def test_onnx_model_answers_a_batch_of_seven_raw_images(project):
     session = onnxruntime.InferenceSession(str(repo / "models/model.onnx"), providers=["CPUExecutionProvider"])
     with np.load(repo / "data/prepared/test.npz") as test:
         pixels, labels = test["images"][:7, None], test["labels"][:7]
-    (logits,) = session.run(None, {"pixels": pixels})
-    assert logits.shape == (7, 10) and np.isfinite(logits).all()
+    logits, probabilities = session.run(["logits", "probabilities"], {"pixels": pixels})
+    assert logits.shape == probabilities.shape == (7, 10) and np.isfinite(logits).all()
+    np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert (probabilities.argmax(1) == logits.argmax(1)).all()
     assert str(repo).encode() not in (repo / "models/model.onnx").read_bytes(), "no local paths in a shipped model"
     assert session.get_inputs()[0].shape[0] not in (1, 7), "the batch dimension is dynamic"
     model, _ = load_checkpoint(repo / "models/model.pt")
@@ -163,7 +168,7 @@ def test_forced_reruns_give_the_same_hashes_for_every_output(project):
     for _ in range(2):
         assert ran_stages(run(["dvc", "repro", "-f"], repo)) == STAGES
         assert out_hashes(repo) == first, "same params, same machine: same model, metrics and plots"
-    assert {"models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train"} <= set(first)
+    assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train"} <= set(first)
 
 
 def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(project):

@@ -1,0 +1,286 @@
+"""mnist-predict: the exported ONNX model's answer for image files, directories, .npy arrays and IDX files, without PyTorch.
+
+Only onnxruntime, numpy and Pillow run here, so the command starts in a fraction of the time PyTorch takes to import.
+A real image is turned into what the model was trained on the way the MNIST database itself was made: grey levels,
+light ink on a dark background, cropped to the ink, scaled to fit the central 20/28 of the image keeping its aspect
+ratio, and centred by its centre of mass.
+"""
+
+import argparse
+import gzip
+import json
+import sys
+import warnings
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnxruntime
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from stages.errors import PipelineError, gist, run_stage
+from stages.idx import parse_idx
+
+DEFAULT_MODEL = Path("models/model.onnx")
+INPUT_NAME, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
+# An image this large would take gigabytes once decoded and converted; Pillow refuses to open one twice as large.
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+BATCH = 256  # images per onnxruntime call
+PROGRESS_FROM = 100  # files; fewer finish before a progress bar would say anything
+IMAGE_FORMATS = "PNG, JPEG, BMP, GIF or TIFF"
+
+
+def inference_session(path: Path | str, threads: int = 0) -> onnxruntime.InferenceSession:
+    """onnxruntime's fastest CPU set-up for these small models, measured by tests/benchmark.py: every graph
+    optimisation (NCHWc convolutions, fused activations), one operator at a time, `threads` threads (0: every core)."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class Classifier:
+    """An exported model: raw uint8 pixels (N, 1, H, W) in, class probabilities out, with its class names."""
+
+    def __init__(self, path: Path | str, threads: int = 0):
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"{path} not found: export a model first (dvc repro export), or name one with --model")
+        try:
+            self.session = inference_session(path, threads)
+        except Exception as error:  # onnxruntime's own types for a file that is no ONNX model
+            raise PipelineError(f"{path} is not an ONNX model onnxruntime can run ({gist(error)})") from None
+        inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]
+        shape = inputs[0].shape
+        names = self.session.get_modelmeta().custom_metadata_map.get("class_names", "")
+        fixed_size = len(shape) == 4 and all(isinstance(side, int) for side in shape[2:])
+        if inputs[0].name != INPUT_NAME or not fixed_size or LOGITS not in outputs or not names:
+            raise PipelineError(f"{path} is not a model exported by this pipeline: it lacks the '{INPUT_NAME}' input "
+                                f"(N, 1, H, W), the '{LOGITS}' output or its class names")
+        self.class_names = names.split(",")
+        self.image_size = (int(shape[2]), int(shape[3]))
+        # Models exported before the probabilities output existed still work: softmax here instead.
+        self.output = PROBABILITIES if PROBABILITIES in outputs else LOGITS
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        (result,) = self.session.run([self.output], {INPUT_NAME: pixels})
+        if self.output == LOGITS:
+            result = np.exp(result - result.max(1, keepdims=True))
+            result /= result.sum(1, keepdims=True)
+        return result
+
+
+def mnist_style(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A grey image (H, W) of one digit, any size and polarity, as MNIST's makers prepared theirs.
+
+    Ink becomes light on black; the ink's bounding box is scaled, aspect ratio kept, to fit 20x20 (for 28x28, the
+    same share of other sizes) with anti-aliasing; its centre of mass lands on the centre of the output.
+    """
+    grey = grey.astype(np.float32)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.median(border))
+    if background > 127.5:  # dark ink on a light background: MNIST's digits are light on black
+        grey, background = 255.0 - grey, 255.0 - background
+    ink = np.clip(grey - background, 0, None)  # an off-white page or a grey photo background becomes black
+    peak = float(ink.max())
+    height, width = size
+    if peak < 1:  # nothing drawn: the model sees an empty image
+        return np.zeros(size, dtype=np.uint8)
+    rows, cols = np.nonzero(ink > peak * 0.1)  # faint noise and JPEG ringing do not widen the crop
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] * (255.0 / peak)
+    box = (round(height * 20 / 28), round(width * 20 / 28))
+    scale = min(box[0] / ink.shape[0], box[1] / ink.shape[1])
+    scaled_size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))  # Pillow: (w, h)
+    scaled = np.asarray(Image.fromarray(np.ascontiguousarray(ink)).resize(scaled_size, Image.Resampling.LANCZOS))
+    scaled = np.clip(scaled, 0, 255)
+    total = scaled.sum()
+    if total <= 0:
+        return np.zeros(size, dtype=np.uint8)
+    ys, xs = np.indices(scaled.shape)
+    centre_y, centre_x = (ys * scaled).sum() / total, (xs * scaled).sum() / total
+    # Whole-pixel shifts, as MNIST's; kept inside the frame so that no ink is cut off.
+    top = int(np.clip(round(height / 2 - 0.5 - centre_y), 0, height - scaled.shape[0]))
+    left = int(np.clip(round(width / 2 - 0.5 - centre_x), 0, width - scaled.shape[1]))
+    result = np.zeros(size, dtype=np.float32)
+    result[top : top + scaled.shape[0], left : left + scaled.shape[1]] = scaled
+    return np.round(result).astype(np.uint8)
+
+
+def grey_levels(image: Image.Image) -> np.ndarray:
+    """Any Pillow image as grey levels 0-255 (H, W); transparent parts count as a white page."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit and float scans: stretch their range
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        return (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return np.asarray(image.convert("L"))
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it in one line
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise PipelineError(f"{path}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} "
+                                    f"this command decodes (it would take too much memory)")
+            image.load()
+            return grey_levels(image)
+    except UnidentifiedImageError:
+        raise PipelineError(f"{path}: not an image ({IMAGE_FORMATS}), .npy array or IDX file") from None
+    except Image.DecompressionBombError:
+        raise PipelineError(f"{path}: more than {MAX_PIXELS:,} pixels, which this command does not decode "
+                            f"(it would take too much memory)") from None
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged or truncated files
+        raise PipelineError(f"{path}: damaged or truncated image ({gist(error)})") from None
+
+
+def read_array_file(path: Path, data: bytes) -> np.ndarray:
+    """A .npy array or an (optionally gzipped) IDX file of images: (H, W) or (N, H, W) or (N, 1, H, W)."""
+    if data[:6] == b"\x93NUMPY":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise PipelineError(f"{path}: damaged .npy file ({gist(error)})") from None
+    else:
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error) as error:
+                raise PipelineError(f"{path} is corrupt: not a complete gzip file ({gist(error)})") from None
+        array = parse_idx(data, str(path))
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim not in (2, 3) or array.size == 0 or array.dtype.kind not in "uif" or array.dtype.itemsize > 8:
+        raise PipelineError(f"{path} holds an array of shape {array.shape} and type {array.dtype}; "
+                            f"expected images: (H, W), (N, H, W) or (N, 1, H, W) numbers")
+    if array.dtype.kind == "f" and array.max(initial=0) <= 1:  # floats in 0-1, as ToTensor makes them
+        array = array * 255
+    return np.clip(np.round(array), 0, 255).astype(np.uint8) if array.dtype != np.uint8 else array
+
+
+def is_array_file(data: bytes) -> bool:
+    return data[:6] == b"\x93NUMPY" or data[:2] == b"\x1f\x8b" or data[:3] == b"\x00\x00\x08"
+
+
+def model_inputs(path: Path, size: tuple[int, int]) -> Iterator[tuple[str, int | None, np.ndarray]]:
+    """(name, index within an array file or None, model input (H, W) uint8) for each image in one file.
+
+    Images in array and IDX files that already have the model's size are taken as they are: such files hold a
+    dataset's own images, prepared for it. Everything else is prepared the MNIST way (mnist_style).
+    """
+    try:
+        with path.open("rb") as file:
+            head = file.read(8)
+    except OSError as error:
+        raise PipelineError(f"{path} cannot be read ({error.strerror or error})") from None
+    if not is_array_file(head):
+        yield str(path), None, mnist_style(read_image_file(path), size)
+        return
+    array = read_array_file(path, path.read_bytes())
+    if array.ndim == 2:
+        yield str(path), None, array if array.shape == size else mnist_style(array, size)
+        return
+    for index, image in enumerate(array):
+        yield f"{path}[{index}]", index, image if image.shape == size else mnist_style(image, size)
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """The files named, and every file under the directories named (recursively, sorted, hidden ones skipped)."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def top_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(class_names[i], float(probabilities[i])) for i in order]
+
+
+def format_row(name: str, index: int | None, ranked: list[tuple[str, float]], as_json: bool) -> str:
+    if as_json:
+        row = {"file": name if index is None else name.rsplit("[", 1)[0], "class": ranked[0][0],
+               "probability": round(ranked[0][1], 6)}
+        if index is not None:
+            row["index"] = index
+        row["top"] = [{"class": c, "probability": round(p, 6)} for c, p in ranked]
+        return json.dumps(row)
+    others = "  ".join(f"{c} {p:.3f}" for c, p in ranked[1:])
+    return f"{name}\t{ranked[0][0]}\t{ranked[0][1]:.3f}" + (f"\t{others}" if others else "")
+
+
+def predict(paths: list[str], model: Path | str, top: int, as_json: bool, threads: int = 0) -> int:
+    """Print one row per image and one line per file that could not be read; returns how many files failed."""
+    if threads < 0:
+        raise PipelineError(f"--threads {threads} is not allowed; expected 0 (every core) or more")
+    classifier = Classifier(model, threads)
+    if not 1 <= top <= len(classifier.class_names):
+        raise PipelineError(f"--top {top} is not allowed; expected 1 to {len(classifier.class_names)} (the model's classes)")
+    files = expand(paths)
+    failed = 0
+    pending: list[tuple[str, int | None, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        pixels = np.stack([image for _, _, image in pending])[:, None]
+        rows = [
+            format_row(name, index, top_classes(p, classifier.class_names, top), as_json)
+            for (name, index, _), p in zip(pending, classifier.probabilities(pixels))
+        ]
+        tqdm.write("\n".join(rows), file=sys.stdout)
+        pending.clear()
+
+    with tqdm(files, unit="file", disable=None if len(files) >= PROGRESS_FROM else True, file=sys.stderr) as progress:
+        for path in progress:
+            try:
+                if not path.exists():
+                    raise PipelineError(f"{path} not found")
+                for item in model_inputs(path, classifier.image_size):
+                    pending.append(item)
+                    if len(pending) == BATCH:
+                        flush()
+            except PipelineError as error:
+                failed += 1
+                flush()  # keep the rows in the order of the files
+                tqdm.write(f"error: {error}", file=sys.stderr)
+            except MemoryError:
+                failed += 1
+                flush()
+                tqdm.write(f"error: {path}: too large to decode in the memory available", file=sys.stderr)
+        flush()
+    return failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mnist-predict",
+        description="Classify images with the exported ONNX model: one row per image (file, class, probability, "
+        "the next classes). Reads PNG, JPEG, BMP, GIF and TIFF images, directories of them, .npy arrays and IDX files.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, directories, .npy or IDX files")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help=f"an exported ONNX model, fp32 or int8 (default: {DEFAULT_MODEL})")
+    parser.add_argument("--top", type=int, default=3, metavar="K", help="show the K most likely classes (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image instead")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for onnxruntime (default 0: every core)")
+    args = parser.parse_args(argv)
+    # Exit status 1 when any file failed; a bad model or option is one line and status 1 too, as in every stage.
+    run_stage(lambda: sys.exit(1 if predict(args.inputs, args.model, args.top, args.json, args.threads) else 0))
+
+
+if __name__ == "__main__":
+    main()
