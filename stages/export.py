@@ -11,7 +11,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch import nn
 
-from stages.errors import PipelineError, gist, run_stage
+from stages.errors import PipelineError, disk_fault, gist, run_stage
 from stages.files import atomic_path, write_json
 from stages.model import ACTIVATIONS, MODEL_FILE, PixelClassifier, load_checkpoint, predict_logits
 from stages.params import load_params
@@ -148,7 +148,9 @@ def main() -> None:
     calibration = calibration_sample(params.calibration_images, params.seed)
     not_written = f"{ONNX_FILE} and {INT8_FILE} were not written"
 
-    with atomic_path(ONNX_FILE) as temp, atomic_path(INT8_FILE) as temp_int8:
+    # Both models are renamed into place only once both pass; the int8 file is opened once the fp32 one is
+    # written, so that a disk fault in either names the file it struck.
+    with atomic_path(ONNX_FILE) as temp:
         opset = export_onnx(model, temp, params.opset, images.shape[1], checkpoint["class_names"])
         reference = predict_logits(model, torch.from_numpy(pixels), VERIFY_BATCH)
         reference_probabilities = torch.softmax(reference, dim=1).numpy()
@@ -167,19 +169,22 @@ def main() -> None:
                 f"{mismatched} different predicted classes; {not_written}"
             )
         accuracy = float((exported.argmax(1) == labels).mean())
-        try:
-            quantize_int8(temp, temp_int8, calibration)
-            int8_logits, _ = onnx_outputs(temp_int8, pixels)
-        except Exception as error:  # onnxruntime's quantisation tools raise whatever their steps raise
-            raise PipelineError(f"onnxruntime cannot quantise the model to int8 ({gist(error)}); {not_written}") from None
-        int8_accuracy = float((int8_logits.argmax(1) == labels).mean())
-        if accuracy - int8_accuracy > params.int8_max_accuracy_drop:
-            raise PipelineError(
-                f"the int8 model's test accuracy {int8_accuracy:.4f} is {100 * (accuracy - int8_accuracy):.2f} points "
-                f"below the fp32 model's {accuracy:.4f} (export.int8_max_accuracy_drop = {params.int8_max_accuracy_drop}); "
-                f"{not_written}"
-            )
-        size, int8_size = temp.stat().st_size, temp_int8.stat().st_size
+        with atomic_path(INT8_FILE) as temp_int8:
+            try:
+                quantize_int8(temp, temp_int8, calibration)
+                int8_logits, _ = onnx_outputs(temp_int8, pixels)
+            except Exception as error:  # onnxruntime's quantisation tools raise whatever their steps raise
+                if disk_fault(error):
+                    raise  # a full disk is no quantisation problem: run_stage names the file
+                raise PipelineError(f"onnxruntime cannot quantise the model to int8 ({gist(error)}); {not_written}") from None
+            int8_accuracy = float((int8_logits.argmax(1) == labels).mean())
+            if accuracy - int8_accuracy > params.int8_max_accuracy_drop:
+                raise PipelineError(
+                    f"the int8 model's test accuracy {int8_accuracy:.4f} is {100 * (accuracy - int8_accuracy):.2f} points "
+                    f"below the fp32 model's {accuracy:.4f} (export.int8_max_accuracy_drop = {params.int8_max_accuracy_drop}); "
+                    f"{not_written}"
+                )
+            size, int8_size = temp.stat().st_size, temp_int8.stat().st_size
 
     metrics = {
         "onnx_accuracy": round(accuracy, 4),
