@@ -1,12 +1,14 @@
 """End to end: the repository copied into a throw-away git+DVC repo, `dvc repro` on synthetic data over local HTTP."""
 
 import csv
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +170,7 @@ def test_forced_reruns_give_the_same_hashes_for_every_output(project):
     for _ in range(2):
         assert ran_stages(run(["dvc", "repro", "-f"], repo)) == STAGES
         assert out_hashes(repo) == first, "same params, same machine: same model, metrics and plots"
-    assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train"} <= set(first)
+    assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train/metrics.json"} <= set(first)
 
 
 def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(project):
@@ -184,17 +186,27 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
     assert (repo / "plots_html/index.html").exists(), plots
 
 
-def test_bad_param_fails_in_one_line_and_keeps_the_last_results(project):
+def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(project):
     repo, _ = project
     kept = {path: (repo / path).read_bytes() for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train/metrics.json"]}
+    good_params = (repo / "params.yaml").read_text()
     update_params(repo / "params.yaml", {"train": {"dropout_rate": 0.5}})
     result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode != 0
     assert "error: params.yaml: unknown key train.dropout_rate = 0.5 (did you mean model.dropout?); the keys of 'train' are:" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    # No out persists (that would turn the run-cache off), so DVC deleted train's outs before running it;
+    # the stages after it did not run and kept theirs.
+    assert not (repo / "models/model.pt").exists() and not (repo / "metrics/train/metrics.json").exists()
+    assert (repo / "models/model.onnx").read_bytes() == kept["models/model.onnx"]
+    run(["dvc", "checkout", "models/model.pt"], repo)
+    assert (repo / "models/model.pt").read_bytes() == kept["models/model.pt"], "DVC's cache holds every earlier output"
+    (repo / "params.yaml").write_text(good_params)
+    output = run(["dvc", "repro"], repo)
+    assert ran_stages(output) == [] and "Stage 'train' is cached - skipping run" in output
     for path, content in kept.items():
-        assert (repo / path).read_bytes() == content, f"{path} was lost to a failed run"
+        assert (repo / path).read_bytes() == content, f"{path} did not come back from the run-cache"
 
 
 CHROMIUM = shutil.which("chromium")
@@ -261,3 +273,115 @@ def test_plots_show_and_diff_draw_every_plot_with_no_network(project):
     assert_every_plot_drew(repo / "plots_offline/show/index.html", repo)
     run(["dvc", "plots", "diff", "-o", "plots_offline/diff"], repo)  # the last commit beside the workspace
     assert_every_plot_drew(repo / "plots_offline/diff/index.html", repo)
+
+
+# Run-cache, remote storage, model registry and queued sweeps: each test starts from the last commit.
+
+ONE_EPOCH = {"epochs": 1, "seed": 7}  # train params no earlier test runs
+KEPT_OUTPUTS = ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train/metrics.json", "metrics/predictions.csv"]
+
+
+def reset_to_head(repo: Path) -> None:
+    """Workspace back to the last commit: git-tracked files by git, DVC-tracked outputs from DVC's cache."""
+    run(["git", "reset", "-q", "--hard"], repo)
+    run(["dvc", "checkout", "-q", "--force"], repo)
+
+
+def read_outputs(repo: Path) -> dict[str, bytes]:
+    return {path: (repo / path).read_bytes() for path in KEPT_OUTPUTS}
+
+
+def test_second_of_two_identical_experiments_is_restored_from_the_run_cache(project):
+    repo, _ = project
+    reset_to_head(repo)
+    experiment = ["dvc", "exp", "run", *[arg for key, value in ONE_EPOCH.items() for arg in ["-S", f"train.{key}={value}"]]]
+    assert ran_stages(run(experiment, repo)) == ["train", "evaluate", "export"]
+    first = read_outputs(repo)
+    reset_to_head(repo)
+    assert read_outputs(repo)["models/model.pt"] != first["models/model.pt"], "back at the committed run"
+    again = run(experiment, repo)
+    assert ran_stages(again) == []
+    for stage in ["train", "evaluate", "export"]:
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in again
+    assert read_outputs(repo) == first, "the run-cache restores the model and the git-tracked metrics alike"
+
+
+def test_checkout_of_an_earlier_commit_then_repro_restores_its_model_without_training(project):
+    repo, _ = project
+    reset_to_head(repo)
+    branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo).strip()
+    committed = read_outputs(repo)
+    run(["git", "checkout", "-q", "--detach"], repo)  # the newer commit stays off the branch the other tests use
+    try:
+        # The run of the test above, restored from the run-cache (or trained, when that test did not run first).
+        update_params(repo / "params.yaml", {"train": ONE_EPOCH})
+        run(["dvc", "repro"], repo)
+        run(["git", "add", "-A"], repo)
+        run(["git", "commit", "-qm", "one epoch"], repo)
+        assert read_outputs(repo)["models/model.pt"] != committed["models/model.pt"]
+        run(["git", "checkout", "-q", "HEAD~1"], repo)
+        output = run(["dvc", "repro"], repo)
+        assert ran_stages(output) == [] and "Stage 'train' is cached - skipping run" in output
+        assert read_outputs(repo) == committed
+    finally:
+        run(["git", "checkout", "-q", "-f", branch], repo)
+        reset_to_head(repo)
+
+
+@pytest.fixture(scope="module")
+def pushed_clone(project):
+    """`dvc push` from the repo to the default remote, then a fresh `git clone` beside it and `dvc pull` there."""
+    repo, _ = project
+    reset_to_head(repo)
+    run(["dvc", "push"], repo)
+    clone = repo.parent / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], repo.parent)
+    metrics_before_pull = run(["dvc", "metrics", "show"], clone)
+    run(["dvc", "pull"], clone)
+    return clone, metrics_before_pull
+
+
+def test_push_then_pull_gives_a_fresh_clone_the_models_and_data_without_running_a_stage(project, pushed_clone):
+    repo, _ = project
+    clone, metrics_before_pull = pushed_clone
+    storage = repo.parent / "mnist-pipeline-storage"
+    assert any(path.is_file() for path in storage.rglob("*")), "the default remote is a directory beside the clone"
+    assert "metrics/eval.json" in metrics_before_pull and "accuracy" in metrics_before_pull, "metrics are in git"
+    data = [str(path.relative_to(repo)) for folder in ["data/raw", "data/prepared"] for path in (repo / folder).iterdir()]
+    for path in ["models/model.pt", "models/model.onnx", "metrics/predictions.csv", *data]:
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert ran_stages(run(["dvc", "repro"], clone)) == []
+
+
+def test_artifacts_get_fetches_the_onnx_model_by_name(project, pushed_clone):
+    repo, _ = project
+    artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
+    assert {name: (a["path"], a["type"]) for name, a in artifacts.items()} == {
+        "mnist-cnn": ("models/model.pt", "model"), "mnist-cnn-onnx": ("models/model.onnx", "model")}
+    assert all(a["desc"] and a["labels"] for a in artifacts.values())
+    run(["git", "tag", "-a", "mnist-cnn-onnx@v1.0.0", "-m", "first registered version"], repo)
+    target = repo.parent / "registry"
+    target.mkdir()
+    run(["dvc", "artifacts", "get", str(repo), "mnist-cnn-onnx", "-o", "model.onnx"], target)
+    assert (target / "model.onnx").read_bytes() == (repo / "models/model.onnx").read_bytes()
+
+
+def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ranks_them(pushed_clone):
+    clone, _ = pushed_clone
+    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.02,0.03", "-S", "train.epochs=1", "-S", "train.threads=1"], clone)
+    run(["dvc", "queue", "start", "-j", "2"], clone)
+    try:
+        deadline = time.monotonic() + 300
+        # Until both have ended: a task can be between states for a moment, neither queued nor running.
+        while (status := run(["dvc", "queue", "status"], clone)).count("Success") + status.count("Failed") < 2:
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=clone, capture_output=True)
+    assert status.count("Success") == 2, status
+    table = run(["dvc", "exp", "show", "--csv", "--sort-by", "accuracy", "--sort-order", "desc",
+                 "--drop", ".*", "--keep", "^Experiment$|^accuracy$|^train.lr$"], clone)
+    rows = [row for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]]
+    assert sorted(float(row["train.lr"]) for row in rows) == [0.02, 0.03], table
+    accuracies = [float(row["accuracy"]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True), table
