@@ -1,4 +1,6 @@
-"""Stage 1, download: fetch the four MNIST files from the first mirror that serves them intact, into data/raw/."""
+"""Stage 1, download: fetch the dataset's four files from the first mirror that serves them intact, into data/raw/.
+
+The pretrained stage fetches model weights with the same functions."""
 
 import gzip
 import hashlib
@@ -54,6 +56,15 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the file's bytes, for files that no mirror recompresses (model weights)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fetch(url: str, destination: Path, timeout: float) -> None:
     """Stream a URL to a file with a progress bar; any network or HTTP failure becomes DownloadFailed."""
     try:
@@ -80,24 +91,33 @@ def fetch(url: str, destination: Path, timeout: float) -> None:
         raise DownloadFailed(f"{type(error).__name__}: {error}", permanent=False) from None
 
 
-def download_verified(url: str, target: Path, expected_sha256: str, timeout: float) -> None:
-    """Download to a temp file and rename it to `target` only once its content hash is the expected one."""
+def download_verified(url: str, target: Path, expected_sha256: str, timeout: float, digest=content_sha256) -> None:
+    """Download to a temp file and rename it to `target` only once its hash (`digest`) is the expected one."""
     with atomic_path(target) as temp:
         fetch(url, temp, timeout)
-        actual = content_sha256(temp)
+        actual = digest(temp)
         if actual != expected_sha256:
             raise DownloadFailed(f"content SHA-256 is {actual}, expected {expected_sha256}", permanent=True)
 
 
-def download_file(name: str, expected_sha256: str, mirrors: list[str], timeout: float, retries: int) -> str:
+def download_file(
+    name: str,
+    expected_sha256: str,
+    mirrors: list[str],
+    timeout: float,
+    retries: int,
+    output_dir: Path = OUTPUT_DIR,
+    digest=content_sha256,
+    offline_files: str = "the four MNIST .gz files",
+) -> str:
     """Try each mirror in turn (each up to 1 + retries times); return the URL that worked."""
-    target = OUTPUT_DIR / name
+    target = output_dir / name
     failures = []
     for base in mirrors:
         url = base + name
         for attempt in range(retries + 1):
             try:
-                download_verified(url, target, expected_sha256, timeout)
+                download_verified(url, target, expected_sha256, timeout, digest)
                 return url
             except DownloadFailed as failure:
                 reason = str(failure)
@@ -108,25 +128,26 @@ def download_file(name: str, expected_sha256: str, mirrors: list[str], timeout: 
     raise PipelineError(
         f"could not download {name} from any mirror. Tried:\n"
         + "\n".join(failures)
-        + f"\nTo work offline, put the four MNIST .gz files in a directory and point {MIRRORS_ENV} at it:\n"
+        + f"\nTo work offline, put {offline_files} in a directory and point {MIRRORS_ENV} at it:\n"
         f"  {MIRRORS_ENV}=/path/to/mnist dvc repro\n"
         f"({MIRRORS_ENV} takes comma-separated directories, file:// or http(s):// base URLs, tried before params.yaml's download.mirrors.)"
     )
 
 
-def already_verified(path: Path, expected_sha256: str) -> bool:
+def already_verified(path: Path, expected_sha256: str, digest=content_sha256) -> bool:
     try:
-        return path.is_file() and content_sha256(path) == expected_sha256
+        return path.is_file() and digest(path) == expected_sha256
     except DownloadFailed:
         return False
 
 
 def main() -> None:
-    params = load_params().download
+    all_params = load_params()
+    params = all_params.download
     mirrors = mirrors_to_try(params.mirrors)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(OUTPUT_DIR)  # of a run killed mid-download: first, so none survives a failed run either
-    for name, expected in params.sha256.items():
+    for name, expected in all_params.dataset.files().items():
         if already_verified(OUTPUT_DIR / name, expected):
             print(f"{name}: already present and verified")
             continue

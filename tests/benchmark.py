@@ -33,7 +33,7 @@ from stages import train  # noqa: E402
 from stages.errors import run_stage  # noqa: E402
 from stages.export import export_onnx  # noqa: E402
 from stages.model import CNN, MODEL_FILE, load_checkpoint, pick_device, predict_logits  # noqa: E402
-from stages.params import MNIST_FILES, load_params  # noqa: E402
+from stages.params import load_params  # noqa: E402
 from stages.prepared import load_meta, load_split  # noqa: E402
 
 # One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture, in bf16
@@ -55,6 +55,9 @@ BEST = {
     "model": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256},
     "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},
 }
+
+
+TORCHVISION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class TutorialCNN(nn.Module):
@@ -155,8 +158,9 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
     with tempfile.TemporaryDirectory() as root:
         raw = Path(root) / "MNIST" / "raw"
         raw.mkdir(parents=True)
-        for name in MNIST_FILES:  # torchvision reads the decompressed files from <root>/MNIST/raw
-            (raw / name.removesuffix(".gz")).write_bytes(gzip.decompress((Path("data/raw") / name).read_bytes()))
+        # torchvision reads the decompressed files from <root>/MNIST/raw, by MNIST's names
+        for name, mnist_name in zip(load_params().dataset.files(), TORCHVISION_MNIST_FILES):
+            (raw / mnist_name).write_bytes(gzip.decompress((Path("data/raw") / name).read_bytes()))
         to_tensor = torchvision.transforms.ToTensor()
         trainset = torchvision.datasets.MNIST(root, train=True, download=False, transform=to_tensor)
         testset = torchvision.datasets.MNIST(root, train=False, download=False, transform=to_tensor)

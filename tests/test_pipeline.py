@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, TINY_PARAMS, update_params, write_synthetic_mnist
+from conftest import REPO_ROOT, TINY_PARAMS, dataset_files, update_params, write_synthetic_mnist
 from stages.model import load_checkpoint
+from stages.params import DATASET_FILES
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+STAGES = ["download", "pretrained", "preprocess", "train", "evaluate", "export"]
 TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "stages"]
 
 
@@ -70,7 +71,7 @@ def project(tmp_path_factory):
             shutil.copy(source, target)
     update_params(
         repo / "params.yaml",
-        {**TINY_PARAMS, "download": {"mirrors": [f"{url}/broken/", f"{url}/good/"], "sha256": hashes, "timeout": 5, "retries": 0}},
+        {**TINY_PARAMS, "dataset": dataset_files(hashes), "download": {"mirrors": [f"{url}/broken/", f"{url}/good/"], "timeout": 5, "retries": 0}},
     )
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
@@ -87,7 +88,9 @@ def test_first_repro_runs_every_stage_and_fails_over_to_the_good_mirror(project)
     repo, output = project
     assert ran_stages(output) == STAGES
     assert "/good/train-images-idx3-ubyte.gz" in output
-    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(yaml.safe_load((repo / "params.yaml").read_text())["download"]["sha256"])
+    dataset = yaml.safe_load((repo / "params.yaml").read_text())["dataset"]
+    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(dataset[key]["file"] for key in DATASET_FILES)
+    assert (repo / "data/pretrained/none.txt").is_file(), "model.pretrained: none fetches nothing, and says so"
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert meta["counts"] == {"train": 540, "val": 60, "test": 200}
 
