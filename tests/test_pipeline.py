@@ -171,6 +171,29 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
     assert (repo / "plots_html/index.html").exists(), plots
 
 
+def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_what_depends_on_them(project):
+    import torchvision
+
+    from stages.download import file_sha256
+
+    repo, _ = project
+    server = yaml.safe_load((repo / "params.yaml").read_text())["download"]["mirrors"][-1].removesuffix("good/")
+    weights = repo.parent / "www/weights/resnet18-test.pth"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    update_params(repo / "params.yaml", {
+        "model": {"arch": "resnet18", "pretrained": "imagenet", "freeze": True, "input_size": 32},
+        "train": {"epochs": 1, "shift_pixels": 0},
+        "weights": {"file": weights.name, "sha256": file_sha256(weights), "mirrors": [f"{server}weights/"]},
+    })
+    output = run(["dvc", "repro"], repo)
+    assert ran_stages(output) == ["pretrained", "train", "evaluate", "export"]
+    assert [p.name for p in (repo / "data/pretrained").iterdir()] == [weights.name]
+    assert json.loads((repo / "metrics/export.json").read_text())["predictions_identical"]
+    assert ran_stages(run(["dvc", "repro"], repo)) == []
+
+
 def test_bad_param_fails_in_one_line_and_keeps_the_last_results(project):
     repo, _ = project
     kept = {path: (repo / path).read_bytes() for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train/metrics.json"]}
