@@ -261,7 +261,7 @@ def train(
             on_epoch(result, model)
 
     train_inputs, val_inputs, layout = train_pixels, val_pixels, torch.channels_last
-    if cached:
+    if cached and len(history) < params.epochs:
         # Frozen and fed the same images every epoch, the backbone computes the same features every epoch:
         # computed once here, each epoch then costs the head alone.
         started = time.perf_counter()
