@@ -184,7 +184,7 @@ def test_frozen_features_are_computed_once_and_train_the_same_head(frozen_workdi
 
 
 @pytest.mark.slow
-def test_a_frozen_resnet_trains_only_its_head_and_exports_to_onnx(frozen_workdir, weights_file):
+def test_a_frozen_resnet_trains_only_its_head(frozen_workdir, weights_file):
     train.main()
     checkpoint = torch.load(frozen_workdir / "models/model.pt", weights_only=True)
     published = torch.load(weights_file, weights_only=True)
@@ -195,10 +195,7 @@ def test_a_frozen_resnet_trains_only_its_head_and_exports_to_onnx(frozen_workdir
     torch.manual_seed(load_params().train.seed)  # the head as training starts: the first draws after the seed
     untrained = build_model(checkpoint["architecture"], 0.0, 1.0).network.fc
     assert not torch.equal(checkpoint["state_dict"]["fc.weight"], untrained.weight), "the head learned"
-    evaluate.main()
-    export.main()
-    exported = json.loads((frozen_workdir / "metrics/export.json").read_text())
-    assert exported["predictions_identical"] and exported["max_abs_diff"] <= 1e-4
+    # Evaluated and exported (and the ONNX file verified against PyTorch) under dvc repro, in test_pipeline.
     model, _ = load_checkpoint(frozen_workdir / "models/model.pt")
     assert model.input_size == 32
 
