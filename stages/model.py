@@ -164,14 +164,18 @@ def architecture_for(model: ModelParams, image_size: int, num_classes: int) -> d
     return {**named, "image_size": image_size, "num_classes": num_classes, **keys}
 
 
+def registry_entry(architecture: dict) -> Architecture:
+    return ARCHITECTURES[architecture.get("arch", DEFAULT_ARCH)]
+
+
 def build_model(architecture: dict, mean: float, std: float) -> PixelClassifier:
     """A new, randomly initialised model for an architecture dict, with the input preparation it needs."""
-    entry = ARCHITECTURES[architecture.get("arch", DEFAULT_ARCH)]
+    entry = registry_entry(architecture)
     return PixelClassifier(entry.build(architecture), **entry.inputs(architecture, mean, std))
 
 
 def output_layer(model: PixelClassifier, architecture: dict) -> nn.Linear:
-    return model.network.get_submodule(ARCHITECTURES[architecture.get("arch", DEFAULT_ARCH)].head)
+    return model.network.get_submodule(registry_entry(architecture).head)
 
 
 def frozen_backbone(model: PixelClassifier, architecture: dict) -> nn.Module | None:
@@ -181,7 +185,7 @@ def frozen_backbone(model: PixelClassifier, architecture: dict) -> nn.Module | N
     """
     if not architecture.get("freeze"):
         return None
-    backbone = ARCHITECTURES[architecture["arch"]].backbone(model.network)
+    backbone = registry_entry(architecture).backbone(model.network)
     backbone.requires_grad_(False)
     return backbone
 
@@ -189,7 +193,7 @@ def frozen_backbone(model: PixelClassifier, architecture: dict) -> nn.Module | N
 def load_pretrained(model: PixelClassifier, architecture: dict, path: Path) -> None:
     """Pretrained weights (a state dict, as torchvision publishes them) into every layer but the head, which
     stays new for our classes. weights_only=True, so the file cannot run code."""
-    head = ARCHITECTURES[architecture["arch"]].head + "."
+    head = registry_entry(architecture).head + "."
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
