@@ -1,4 +1,6 @@
-"""Stage 1, download: fetch the four MNIST files from the first mirror that serves them intact, into data/raw/."""
+"""Stage 1, download: fetch the dataset's four files from the first mirror that serves them intact, into data/raw/.
+
+The pretrained stage fetches model weights with the same functions."""
 
 import gzip
 import hashlib
@@ -66,6 +68,20 @@ def content_sha256(path: Path, max_bytes: int | None = None) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path, max_bytes: int | None = None) -> str:
+    """SHA-256 of the file's own bytes, for files that no mirror recompresses (model weights); like content_sha256,
+    a file larger than max_bytes fails."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise DownloadFailed(f"is {too_large(max_bytes)}", permanent=True)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fetch(url: str, destination: Path, timeout: float, *, max_bytes: int | None, deadline: float | None) -> None:
     """Stream a URL to a file with a progress bar; any network or HTTP failure becomes DownloadFailed.
 
@@ -113,15 +129,22 @@ def fetch(url: str, destination: Path, timeout: float, *, max_bytes: int | None,
 
 
 def download_verified(
-    url: str, target: Path, expected_sha256: str, timeout: float, *, max_bytes: int | None, deadline: float | None
+    url: str,
+    target: Path,
+    expected_sha256: str,
+    timeout: float,
+    *,
+    max_bytes: int | None,
+    deadline: float | None,
+    digest=content_sha256,
 ) -> None:
-    """Download to a temp file and rename it to `target` only once its content hash is the expected one.
+    """Download to a temp file and rename it to `target` only once its hash (`digest`) is the expected one.
 
-    max_bytes bounds the download and its decompressed content; deadline each transfer (see fetch).
+    max_bytes bounds the download and what `digest` reads (the decompressed content); deadline each transfer (see fetch).
     """
     with atomic_path(target) as temp:
         fetch(url, temp, timeout, max_bytes=max_bytes, deadline=deadline)
-        actual = content_sha256(temp, max_bytes)
+        actual = digest(temp, max_bytes)
         if actual != expected_sha256:
             raise DownloadFailed(f"content SHA-256 is {actual}, expected {expected_sha256}", permanent=True)
 
@@ -135,18 +158,23 @@ def download_file(
     *,
     max_bytes: int | None,
     deadline: float | None,
+    output_dir: Path = OUTPUT_DIR,
+    digest=content_sha256,
+    offline_files: str = "the four MNIST .gz files",
 ) -> str:
     """Try each mirror in turn (each up to 1 + retries times); return the URL that worked.
 
     max_bytes and deadline bound each attempt (None: no bound); a mirror past either fails over at once.
     """
-    target = OUTPUT_DIR / name
+    target = output_dir / name
     failures = []
     for base in mirrors:
         url = base + name
         for attempt in range(retries + 1):
             try:
-                download_verified(url, target, expected_sha256, timeout, max_bytes=max_bytes, deadline=deadline)
+                download_verified(
+                    url, target, expected_sha256, timeout, max_bytes=max_bytes, deadline=deadline, digest=digest
+                )
                 return url
             except DownloadFailed as failure:
                 reason = str(failure)
@@ -157,26 +185,27 @@ def download_file(
     raise PipelineError(
         f"could not download {name} from any mirror. Tried:\n"
         + "\n".join(failures)
-        + f"\nTo work offline, put the four MNIST .gz files in a directory and point {MIRRORS_ENV} at it:\n"
+        + f"\nTo work offline, put {offline_files} in a directory and point {MIRRORS_ENV} at it:\n"
         f"  {MIRRORS_ENV}=/path/to/mnist dvc repro\n"
         f"({MIRRORS_ENV} takes comma-separated directories, file:// or http(s):// base URLs, tried before params.yaml's download.mirrors.)"
     )
 
 
-def already_verified(path: Path, expected_sha256: str, max_bytes: int | None) -> bool:
+def already_verified(path: Path, expected_sha256: str, max_bytes: int | None, digest=content_sha256) -> bool:
     try:
-        return path.is_file() and content_sha256(path, max_bytes) == expected_sha256
+        return path.is_file() and digest(path, max_bytes) == expected_sha256
     except DownloadFailed:
         return False
 
 
 def main() -> None:
-    params = load_params().download
+    all_params = load_params()
+    params = all_params.download
     mirrors = mirrors_to_try(params.mirrors)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(OUTPUT_DIR)  # of a run killed mid-download: first, so none survives a failed run either
     max_bytes = params.max_megabytes * MEGABYTE
-    for name, expected in params.sha256.items():
+    for name, expected in all_params.dataset.files().items():
         if already_verified(OUTPUT_DIR / name, expected, max_bytes):
             print(f"{name}: already present and verified")
             continue

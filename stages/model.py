@@ -1,13 +1,18 @@
-"""The CNN: conv blocks, then a two-layer classifier, with its checkpoint format and input normalisation."""
+"""The networks the pipeline trains (one registry: the CNN and torchvision's ResNet-18), their input
+preparation, pretrained weights and checkpoint format."""
 
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stages.errors import PipelineError, gist
+from stages.params import MODEL_KEYS_BY_ARCH, ModelParams
 
 MODEL_FILE = Path("models/model.pt")  # written by train, read by evaluate and export
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -77,20 +82,144 @@ def normalize(pixels: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 class PixelClassifier(nn.Module):
-    """The network plus its input normalisation: pixels on the 0-255 scale, shape (N, 1, H, W), in; logits out.
+    """The network plus its input preparation: pixels on the 0-255 scale, shape (N, 1, H, W), in; logits out.
 
-    Clients send uint8; training also sends the float pixels that rotation and zoom produce.
+    Clients send uint8; training also sends the float pixels that rotation and zoom produce. With input_size,
+    for networks made for RGB photos, the grey image is resized to input_size² and repeated to three channels,
+    and mean and std are per channel; all of it inside the model, so the ONNX export takes raw pixels too.
     """
 
-    def __init__(self, network: CNN, mean: float, std: float):
+    def __init__(self, network: nn.Module, mean: float | list, std: float | list, input_size: int | None = None):
         super().__init__()
-        self.network, self.mean, self.std = network, mean, std
+        self.network, self.mean, self.std, self.input_size = network, mean, std, input_size
+        if input_size is not None:
+            self.register_buffer("channel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("channel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The network's input for these pixels."""
+        if self.input_size is None:
+            return normalize(pixels, self.mean, self.std)
+        size = (self.input_size, self.input_size)
+        images = F.interpolate(pixels.float() / 255.0, size=size, mode="bilinear", align_corners=False)
+        return (images.expand(-1, 3, -1, -1) - self.channel_mean) / self.channel_std
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.network(normalize(pixels, self.mean, self.std))
+        return self.network(self.prepare(pixels))
 
 
-def save_checkpoint(path: Path, network: CNN, architecture: dict, meta: dict, extra: dict) -> None:
+# What ImageNet-trained weights expect: images scaled to 0-1, then standardised per RGB channel with these.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One kind of network: how to build it from an architecture dict (see architecture_for), where its output
+    layer is, what part of it can be frozen, and what input it wants."""
+
+    build: Callable[[dict], nn.Module]  # a new, randomly initialised network
+    head: str  # the output layer's name in the network: a new Linear(features, classes)
+    inputs: Callable[[dict, float, float], dict]  # PixelClassifier's arguments, given the data's mean and std
+    backbone: Callable[[nn.Module], nn.Module] | None = None  # everything before the head; None: never frozen
+
+
+def _resnet18(architecture: dict) -> nn.Module:
+    import torchvision  # here: only this architecture needs it, and it takes a while to import
+
+    return torchvision.models.resnet18(weights=None, num_classes=architecture["num_classes"])
+
+
+def _resnet_inputs(architecture: dict, mean: float, std: float) -> dict:
+    """ImageNet weights were trained on ImageNet's statistics; a network from scratch gets the data's."""
+    pretrained = architecture["pretrained"] == "imagenet"
+    return {
+        "mean": IMAGENET_MEAN if pretrained else [mean] * 3,
+        "std": IMAGENET_STD if pretrained else [std] * 3,
+        "input_size": architecture["input_size"],
+    }
+
+
+ARCHITECTURES = {
+    "cnn": Architecture(
+        build=lambda architecture: CNN(**{key: value for key, value in architecture.items() if key != "arch"}),
+        head="classifier.4",
+        inputs=lambda architecture, mean, std: {"mean": mean, "std": std},
+    ),
+    "resnet18": Architecture(
+        build=_resnet18,
+        head="fc",
+        inputs=_resnet_inputs,
+        # torchvision's forward: every child in order, flattened before fc, its last child
+        backbone=lambda network: nn.Sequential(*list(network.children())[:-1], nn.Flatten()),
+    ),
+}
+DEFAULT_ARCH = "cnn"  # the one architecture before there were several: its checkpoints do not name it
+
+
+def architecture_for(model: ModelParams, image_size: int, num_classes: int) -> dict:
+    """What models/model.pt records to rebuild the network: its name, the data's shape, and the model keys
+    the architecture reads. The CNN's lacks the name, so its model.pt is byte for byte what it always was."""
+    named = {"arch": model.arch} if model.arch != DEFAULT_ARCH else {}
+    keys = {key: getattr(model, key) for key in MODEL_KEYS_BY_ARCH[model.arch]}
+    return {**named, "image_size": image_size, "num_classes": num_classes, **keys}
+
+
+def registry_entry(architecture: dict) -> Architecture:
+    return ARCHITECTURES[architecture.get("arch", DEFAULT_ARCH)]
+
+
+def build_model(architecture: dict, mean: float, std: float) -> PixelClassifier:
+    """A new, randomly initialised model for an architecture dict, with the input preparation it needs."""
+    entry = registry_entry(architecture)
+    return PixelClassifier(entry.build(architecture), **entry.inputs(architecture, mean, std))
+
+
+def output_layer(model: PixelClassifier, architecture: dict) -> nn.Linear:
+    return model.network.get_submodule(registry_entry(architecture).head)
+
+
+def frozen_backbone(model: PixelClassifier, architecture: dict) -> nn.Module | None:
+    """With model.freeze, everything before the head, its parameters made constant; else None.
+
+    The caller keeps it in eval mode too, so its batch-norm statistics stay as they are.
+    """
+    if not architecture.get("freeze"):
+        return None
+    backbone = registry_entry(architecture).backbone(model.network)
+    backbone.requires_grad_(False)
+    return backbone
+
+
+def load_pretrained(model: PixelClassifier, architecture: dict, path: Path) -> None:
+    """Pretrained weights (a state dict, as torchvision publishes them) into every layer but the head, which
+    stays new for our classes. weights_only=True, so the file cannot run code."""
+    head = registry_entry(architecture).head + "."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the pretrained stage first (dvc repro pretrained)") from None
+    except pickle.UnpicklingError:
+        raise PipelineError(f"{path} holds something other than tensors and plain data, which is never unpickled") from None
+    except Exception as error:
+        raise PipelineError(f"{path} is damaged or not a PyTorch file ({gist(error)})") from None
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise PipelineError(f"{path} is not a state dict of {architecture['arch']} weights")
+    backbone = {name: value for name, value in weights.items() if not name.startswith(head)}
+    try:
+        missing, unexpected = model.network.load_state_dict(backbone, strict=False)
+    except RuntimeError as error:
+        raise PipelineError(f"{path} does not fit {architecture['arch']} ({gist(error)})") from None
+    missing = [name for name in missing if not name.startswith(head)]
+    if missing or unexpected:
+        raise PipelineError(
+            f"{path} does not fit {architecture['arch']}: "
+            + "; ".join(f"{what} {', '.join(names[:3])}" for what, names in [("missing", missing), ("unexpected", unexpected)] if names)
+        )
+
+
+def save_checkpoint(path: Path, network: nn.Module, architecture: dict, meta: dict, extra: dict) -> None:
     """Everything needed to rebuild the model, in types that torch.load(weights_only=True) accepts.
 
     Saved through a file object: given a path, torch.save names the archive's inner folder after the file,
@@ -139,12 +268,13 @@ def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
     if missing:
         raise PipelineError(f"{path} is not a checkpoint of this pipeline: it lacks {', '.join(missing)}; {RETRAIN}")
     try:
-        network = CNN(**checkpoint["architecture"])
-        network.load_state_dict(checkpoint["state_dict"])
-        model = PixelClassifier(network, float(checkpoint["mean"]), float(checkpoint["std"]))
-        if len(checkpoint["class_names"]) != network.classifier[-1].out_features:
-            raise ValueError(f"{len(checkpoint['class_names'])} class names for {network.classifier[-1].out_features} outputs")
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        architecture = checkpoint["architecture"]
+        model = build_model(architecture, float(checkpoint["mean"]), float(checkpoint["std"]))
+        model.network.load_state_dict(checkpoint["state_dict"])
+        outputs = output_layer(model, architecture).out_features
+        if len(checkpoint["class_names"]) != outputs:
+            raise ValueError(f"{len(checkpoint['class_names'])} class names for {outputs} outputs")
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as error:
         raise PipelineError(
             f"{path} is not a checkpoint of this pipeline: its contents do not fit together ({gist(error)}); {RETRAIN}"
         ) from None

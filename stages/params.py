@@ -14,13 +14,16 @@ from stages.errors import PipelineError, gist
 
 PARAMS_FILE = Path("params.yaml")
 
-# The four files of an MNIST-format dataset, as every mirror names them.
-MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
+# The four files of an MNIST-format dataset, by the key that names each one in the dataset section.
+DATASET_FILES = ("train_images", "train_labels", "test_images", "test_labels")
+
+# The model keys each architecture reads (stages/model.py has one builder per name); the others are
+# validated all the same, and ignored.
+MODEL_KEYS_BY_ARCH = {
+    "cnn": ("conv_channels", "convs_per_block", "kernel_size", "batch_norm", "fc_units", "activation", "dropout"),
+    "resnet18": ("pretrained", "freeze", "input_size"),
+}
+PRETRAINED_ARCHS = ("resnet18",)  # the architectures with published ImageNet weights that the pipeline can fetch
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,33 @@ def _is_mirror(value: Any) -> bool:
     return url.scheme == "file" or (url.scheme in ("http", "https") and bool(url.hostname))
 
 
-def _is_sha256_table(value: Any) -> bool:
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _is_file_name(value: Any) -> bool:
+    """A plain file name: it is joined to mirror URLs and to data/raw/, so no directories and no URL syntax."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) is not None
+
+
+def _is_dataset_file(value: Any) -> bool:
+    return isinstance(value, dict) and sorted(value) == ["file", "sha256"] and _is_file_name(value["file"]) and _is_sha256(value["sha256"])
+
+
+def _are_class_names(value: Any) -> bool:
     return (
-        isinstance(value, dict)
-        and sorted(value) == sorted(MNIST_FILES)
-        and all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in value.values())
+        isinstance(value, list)
+        and 2 <= len(value) <= 256
+        and all(isinstance(name, str) and name.strip() and not re.search(r"[,\n]", name) for name in value)
+        and len(set(value)) == len(value)
     )
+
+
+DATASET_FILE = Rule("{file: a gzipped IDX file name, sha256: 64 lowercase hex digits of its decompressed content}", _is_dataset_file)
+MIRRORS = Rule(
+    "a non-empty list of http(s):// or file:// base URLs or directories",
+    lambda v: isinstance(v, list) and v != [] and all(map(_is_mirror, v)),
+)
 
 
 def rule(r: Rule):
@@ -97,14 +121,24 @@ def rule(r: Rule):
 
 
 @dataclass(frozen=True)
-class DownloadParams:
-    mirrors: list = rule(
-        Rule(
-            "a non-empty list of http(s):// or file:// base URLs or directories",
-            lambda v: isinstance(v, list) and v != [] and all(map(_is_mirror, v)),
-        )
+class DatasetParams:
+    train_images: dict = rule(DATASET_FILE)
+    train_labels: dict = rule(DATASET_FILE)
+    test_images: dict = rule(DATASET_FILE)
+    test_labels: dict = rule(DATASET_FILE)
+    class_names: list = rule(
+        Rule("a list of 2 to 256 different non-empty strings without commas (label 0 + label_offset first)", _are_class_names)
     )
-    sha256: dict = rule(Rule("a mapping of " + ", ".join(MNIST_FILES) + " to 64 lowercase hex digits", _is_sha256_table))
+    label_offset: int = rule(integer(0, 255))
+
+    def files(self) -> dict[str, str]:
+        """{file name: SHA-256 of its decompressed content}, in the order of DATASET_FILES."""
+        return {getattr(self, key)["file"]: getattr(self, key)["sha256"] for key in DATASET_FILES}
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    mirrors: list = rule(MIRRORS)
     timeout: float = rule(number(0, 600, low_open=True))
     retries: int = rule(integer(0, 10))
     deadline: float = rule(number(0, 86400, low_open=True))
@@ -120,6 +154,7 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class ModelParams:
+    arch: str = rule(choice(*MODEL_KEYS_BY_ARCH))
     conv_channels: list = rule(list_of(integer(1, 1024), 1, 4))
     convs_per_block: int = rule(integer(1, 4))
     kernel_size: int = rule(Rule("an odd integer from 1 to 7", lambda v: _is_int(v) and v in (1, 3, 5, 7)))
@@ -127,6 +162,16 @@ class ModelParams:
     fc_units: int = rule(integer(1, 8192))
     activation: str = rule(choice("relu", "leaky_relu", "tanh", "sigmoid"))
     dropout: float = rule(number(0, 1, high_open=True))
+    pretrained: str = rule(choice("none", "imagenet"))
+    freeze: bool = rule(boolean())
+    input_size: int = rule(integer(32, 512))
+
+
+@dataclass(frozen=True)
+class WeightsParams:
+    file: str = rule(Rule("a file name such as resnet18-f37072fd.pth", _is_file_name))
+    sha256: str = rule(Rule("64 lowercase hex digits: the SHA-256 of the file's bytes", _is_sha256))
+    mirrors: list = rule(MIRRORS)
 
 
 @dataclass(frozen=True)
@@ -169,9 +214,11 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class Params:
+    dataset: DatasetParams
     download: DownloadParams
     preprocess: PreprocessParams
     model: ModelParams
+    weights: WeightsParams
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
@@ -238,6 +285,21 @@ def _section(cls: type, name: str, raw: Any, source: Path):
     return cls(**values)
 
 
+def _check_model(model: ModelParams, source: Path) -> None:
+    """The combinations of model keys that make no network: each names the keys at odds and a way out."""
+    if model.pretrained != "none" and model.arch not in PRETRAINED_ARCHS:
+        raise PipelineError(
+            f"{source}: model.pretrained = {model.pretrained!r} is not allowed with model.arch = {model.arch!r}: "
+            f"pretrained weights exist for {', '.join(PRETRAINED_ARCHS)} only; expected none"
+        )
+    if model.freeze and model.pretrained == "none":
+        raise PipelineError(
+            f"{source}: model.freeze = true is not allowed with model.pretrained = 'none': a frozen backbone that "
+            f"was never trained stays random, and only the last layer would learn; set model.pretrained: imagenet, "
+            f"or model.freeze: false"
+        )
+
+
 def _check_cuda(params: "Params", source: Path) -> None:
     """A device of 'cuda' must exist on this machine, or the first stage fails instead of the train stage."""
     devices = {"train.device": params.train.device, "evaluate.device": params.evaluate.device}
@@ -276,5 +338,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if missing:
         raise PipelineError(f"{path}: missing section '{missing[0]}'")
     params = Params(**{name: _section(cls, name, raw[name], path) for name, cls in sections.items()})
+    if len(params.dataset.files()) < len(DATASET_FILES):
+        names = [getattr(params.dataset, key)["file"] for key in DATASET_FILES]
+        raise PipelineError(f"{path}: dataset names a file twice ({', '.join(names)}); expected four different files")
+    _check_model(params.model, path)
     _check_cuda(params, path)
     return params

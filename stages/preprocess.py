@@ -6,15 +6,15 @@ import numpy as np
 
 from stages.errors import PipelineError, run_stage
 from stages.idx import read_idx
-from stages.params import MNIST_FILES, load_params
+from stages.params import DatasetParams, load_params
 from stages.prepared import save_prepared
 
 RAW_DIR = Path("data/raw")
-CLASS_NAMES = [str(digit) for digit in range(10)]
 
 
-def load_images_and_labels(images_file: str, labels_file: str) -> tuple[np.ndarray, np.ndarray]:
-    """A pair of IDX files, checked against each other; every error names the file at fault."""
+def load_images_and_labels(images_file: str, labels_file: str, dataset: DatasetParams) -> tuple[np.ndarray, np.ndarray]:
+    """A pair of IDX files, checked against each other and against the dataset's classes; every error names
+    the file at fault. The labels come back counted from 0 (the file's minus dataset.label_offset)."""
     images_path, labels_path = RAW_DIR / images_file, RAW_DIR / labels_file
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
@@ -23,9 +23,14 @@ def load_images_and_labels(images_file: str, labels_file: str) -> tuple[np.ndarr
         raise PipelineError(f"{labels_path} holds an array of shape {labels.shape}; expected (count,)")
     if len(images) != len(labels):
         raise PipelineError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    if len(labels) and labels.max() >= len(CLASS_NAMES):
-        raise PipelineError(f"{labels_path} has label {labels.max()}; expected 0 to {len(CLASS_NAMES) - 1}")
-    return images, labels
+    first, last = dataset.label_offset, dataset.label_offset + len(dataset.class_names) - 1
+    outside = labels[(labels < first) | (labels > last)]
+    if len(outside):
+        raise PipelineError(
+            f"{labels_path} has label {outside[0]}; expected {first} to {last} "
+            f"({len(dataset.class_names)} dataset.class_names from dataset.label_offset = {first})"
+        )
+    return images, labels - np.uint8(first)
 
 
 def split_indices(count: int, val_size: int, train_limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,10 +53,11 @@ def split_indices(count: int, val_size: int, train_limit: int, seed: int) -> tup
 
 
 def main() -> None:
-    params = load_params().preprocess
-    train_images_file, train_labels_file, test_images_file, test_labels_file = MNIST_FILES
-    images, labels = load_images_and_labels(train_images_file, train_labels_file)
-    test_images, test_labels = load_images_and_labels(test_images_file, test_labels_file)
+    all_params = load_params()
+    params, dataset = all_params.preprocess, all_params.dataset
+    train_images_file, train_labels_file, test_images_file, test_labels_file = dataset.files()
+    images, labels = load_images_and_labels(train_images_file, train_labels_file, dataset)
+    test_images, test_labels = load_images_and_labels(test_images_file, test_labels_file, dataset)
     if images.shape[1:] != test_images.shape[1:]:
         raise PipelineError(
             f"{RAW_DIR / train_images_file} holds {images.shape[1]}x{images.shape[2]} images but "
@@ -75,7 +81,7 @@ def main() -> None:
         {
             "counts": {name: len(split_labels) for name, (_, split_labels) in splits.items()},
             "image_size": list(images.shape[1:]),
-            "class_names": CLASS_NAMES,
+            "class_names": dataset.class_names,
             "mean": round(float(train_pixels.mean(dtype=np.float64)), 6),
             "std": round(float(train_pixels.std(dtype=np.float64)), 6),
         },

@@ -1,4 +1,4 @@
-"""Stage 3, train: fit the CNN on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt."""
+"""Stage 3, train: fit the model on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt."""
 
 import copy
 import ctypes
@@ -16,11 +16,24 @@ import torch.nn.functional as F
 from dvclive import Live
 from tqdm import tqdm
 
+from stages.download import file_sha256
 from stages.errors import gist, run_stage
 from stages.files import atomic_directory, atomic_path, require_free_space
-from stages.model import CNN, MODEL_FILE, PixelClassifier, pick_device, predict_logits, save_checkpoint
+from stages.model import (
+    MODEL_FILE,
+    PixelClassifier,
+    architecture_for,
+    build_model,
+    frozen_backbone,
+    load_pretrained,
+    output_layer,
+    pick_device,
+    predict_logits,
+    save_checkpoint,
+)
 from stages.params import ModelParams, Params, TrainParams, load_params
 from stages.prepared import load_meta, load_split
+from stages.pretrained import weights_file
 
 LIVE_DIR = Path("metrics/train")
 # The state after the last finished epoch, so a killed run resumes; deleted once model.pt is written.
@@ -86,13 +99,15 @@ def random_affine(pixels: torch.Tensor, max_degrees: float, max_zoom: float, gen
 
 
 def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser of the parameters that train: a frozen backbone's are not among them."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if params.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=params.lr, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay
+            trainable, lr=params.lr, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay
         )
     optimizer = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
     return optimizer(
-        model.parameters(),
+        trainable,
         lr=params.lr,
         betas=tuple(params.betas),
         weight_decay=params.weight_decay,
@@ -132,11 +147,27 @@ def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def run_fingerprint(model_params: ModelParams, params: TrainParams, train_pixels: torch.Tensor, threads: int) -> str:
-    """What a resumed run must share with the run that saved its state: params, thread count and training data."""
+def run_fingerprint(
+    model_params: ModelParams, params: TrainParams, train_pixels: torch.Tensor, threads: int, weights: Path | None = None
+) -> str:
+    """What a resumed run must share with the run that saved its state: params, thread count, training data
+    and pretrained weights."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(model_params), dataclasses.asdict(params), threads]).encode())
     digest.update(train_pixels.cpu().numpy().tobytes())
+    if weights is not None:
+        digest.update(file_sha256(weights).encode())
     return digest.hexdigest()
+
+
+@torch.no_grad()
+def frozen_features(model: PixelClassifier, backbone: torch.nn.Module, pixels: torch.Tensor, autocast, split: str) -> torch.Tensor:
+    """The frozen backbone's output (float32) for every image of a split, in batches."""
+    features = []
+    for start in tqdm(range(0, len(pixels), EVAL_BATCH), desc=f"{split} features", disable=None, leave=False):
+        with autocast:
+            batch = pixels[start : start + EVAL_BATCH].contiguous(memory_format=torch.channels_last)
+            features.append(backbone(model.prepare(batch)).float())
+    return torch.cat(features)
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:
@@ -173,11 +204,16 @@ def train(
     device: torch.device,
     on_epoch: Callable[[dict, PixelClassifier], None],
     resume_file: Path | None = None,
+    weights: Path | None = None,
+    cache_features: bool = True,
 ) -> tuple[PixelClassifier, dict, dict]:
     """Fit a new model; after each epoch, on_epoch gets its losses, accuracies and seconds, and the model.
 
     With resume_file, the state after each epoch is saved there, and a run with the same fingerprint
-    carries on from it, replaying the saved epochs' results to on_epoch first.
+    carries on from it, replaying the saved epochs' results to on_epoch first. `weights` is the pretrained
+    weights file when model_params asks for one (by default the one params.yaml names, in data/pretrained/).
+    A frozen backbone's features are computed once per split when nothing augments its input, unless
+    cache_features is false (to measure what that saves).
     """
     keep_freed_memory()
     threads = use_threads(params.threads)
@@ -187,29 +223,37 @@ def train(
     train_pixels, train_labels = as_tensors("train", device)
     val_pixels, val_labels = as_tensors("val", device)
 
-    architecture = {
-        "image_size": meta["image_size"][0],
-        "num_classes": len(meta["class_names"]),
-        **dataclasses.asdict(model_params),
-    }
-    network = CNN(**architecture)
-    model = PixelClassifier(network, meta["mean"], meta["std"]).to(device, memory_format=torch.channels_last)
+    architecture = architecture_for(model_params, meta["image_size"][0], len(meta["class_names"]))
+    model = build_model(architecture, meta["mean"], meta["std"])
+    if model_params.pretrained != "none":
+        weights = weights or weights_file(load_params())
+        load_pretrained(model, architecture, weights)
+    else:
+        weights = None
+    network = model.network
+    model = model.to(device, memory_format=torch.channels_last)
+    backbone = frozen_backbone(model, architecture)
+    augmented = params.shift_pixels or params.rotate_degrees or params.zoom_percent
+    cached = backbone is not None and not augmented and cache_features
+    # What the optimisation steps run: the whole model on pixels, or only the head on cached features.
+    trained = output_layer(model, architecture) if cached else model
     steps_per_epoch = -(-len(train_labels) // params.batch_size)
     optimizer = make_optimizer(params, model, device)
     if resume_file:
         # Its state file holds the weights, the best epoch's weights and up to two optimiser moments per weight,
         # and model.pt the weights once more.
-        weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
-        require_free_space(resume_file.parent, 5 * weights, "train")
+        weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+        require_free_space(resume_file.parent, 5 * weight_bytes, "train")
     schedule = make_schedule(params, optimizer, params.epochs * steps_per_epoch)
     autocast, scaler = autocast_for(device, params.mixed_precision)
-    step_model = torch.compile(model) if params.compile else model
+    step_model = torch.compile(trained) if params.compile else trained
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training on {device} ({threads} CPU threads): {len(train_labels)} images, "
-          f"{sum(p.numel() for p in model.parameters())} parameters")
+          f"{sum(p.numel() for p in model.parameters())} parameters" + (f", {trainable} of them trained" if backbone else ""))
 
     best = {"val_accuracy": -1.0}
     history: list[dict] = []
-    fingerprint = run_fingerprint(model_params, params, train_pixels, threads) if resume_file else ""
+    fingerprint = run_fingerprint(model_params, params, train_pixels, threads, weights) if resume_file else ""
     resumable = {"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
     saved = load_resume_state(resume_file, fingerprint) if resume_file else None
     if saved:
@@ -221,8 +265,22 @@ def train(
         for result in history:
             on_epoch(result, model)
 
+    train_inputs, val_inputs, layout = train_pixels, val_pixels, torch.channels_last
+    if cached and len(history) < params.epochs:
+        # Frozen and fed the same images every epoch, the backbone computes the same features every epoch:
+        # computed once here, each epoch then costs the head alone.
+        started = time.perf_counter()
+        model.eval()
+        train_inputs = frozen_features(model, backbone, train_pixels, autocast, "train")
+        val_inputs = frozen_features(model, backbone, val_pixels, autocast, "val")
+        layout = torch.contiguous_format
+        print(f"frozen backbone: features of {len(train_inputs) + len(val_inputs)} images computed once, "
+              f"in {time.perf_counter() - started:.1f}s")
+
     for epoch in range(len(history) + 1, params.epochs + 1):
         model.train()
+        if backbone is not None:
+            backbone.eval()  # frozen means its batch-norm statistics too
         started = time.perf_counter()
         order = torch.randperm(len(train_labels), generator=generator, device=device)
         # Summed as tensors and read once per epoch: a .item() per step would add a host round-trip on CUDA.
@@ -231,13 +289,13 @@ def train(
         batches = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{params.epochs}", disable=None, leave=False)
         for step in batches:
             batch = order[step * params.batch_size : (step + 1) * params.batch_size]
-            pixels, labels = train_pixels[batch], train_labels[batch]
+            inputs, labels = train_inputs[batch], train_labels[batch]
             if params.rotate_degrees or params.zoom_percent:
-                pixels = random_affine(pixels, params.rotate_degrees, params.zoom_percent / 100, generator)
+                inputs = random_affine(inputs, params.rotate_degrees, params.zoom_percent / 100, generator)
             if params.shift_pixels:
-                pixels = random_shift(pixels, params.shift_pixels, generator)
+                inputs = random_shift(inputs, params.shift_pixels, generator)
             with autocast:
-                logits = step_model(pixels.contiguous(memory_format=torch.channels_last))
+                logits = step_model(inputs.contiguous(memory_format=layout))
                 loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -250,7 +308,7 @@ def train(
             torch.cuda.synchronize(device)  # once per epoch, so that the seconds include the queued steps
         seconds = time.perf_counter() - started
 
-        val_loss, val_accuracy = evaluate(model, val_pixels, val_labels)
+        val_loss, val_accuracy = evaluate(trained, val_inputs, val_labels)
         result = {
             "epoch": epoch,
             "train/loss": total_loss.item() / len(train_labels),
@@ -291,7 +349,7 @@ def main() -> None:
             )
 
         try:
-            model, architecture, best = train(params.model, params.train, device, log_epoch, RESUME_FILE)
+            model, architecture, best = train(params.model, params.train, device, log_epoch, RESUME_FILE, weights_file(params))
         except KeyboardInterrupt:
             hint = f"run it again with the same params to resume from {RESUME_FILE}" if RESUME_FILE.exists() else ""
             raise KeyboardInterrupt(f"training stopped; {hint}" if hint else "training stopped before its first epoch ended") from None

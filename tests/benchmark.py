@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO_ROOT))
 from stages import train  # noqa: E402
 from stages.errors import run_stage  # noqa: E402
 from stages.export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
-from stages.model import CNN, MODEL_FILE, load_checkpoint, pick_device, predict_logits  # noqa: E402
-from stages.params import MNIST_FILES, load_params  # noqa: E402
+from stages.model import MODEL_FILE, build_model, load_checkpoint, pick_device, predict_logits  # noqa: E402
+from stages.params import load_params  # noqa: E402
 from stages.predict import inference_session  # noqa: E402
 from stages.prepared import load_meta, load_split  # noqa: E402
+from stages.pretrained import OUTPUT_DIR as PRETRAINED_DIR  # noqa: E402
 
 # One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture, in bf16
 # autocast (this CPU has AVX512-BF16; weights and optimiser state stay fp32).
@@ -55,6 +56,9 @@ BEST = {
     "model": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256},
     "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},
 }
+
+
+TORCHVISION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class TutorialCNN(nn.Module):
@@ -155,8 +159,9 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
     with tempfile.TemporaryDirectory() as root:
         raw = Path(root) / "MNIST" / "raw"
         raw.mkdir(parents=True)
-        for name in MNIST_FILES:  # torchvision reads the decompressed files from <root>/MNIST/raw
-            (raw / name.removesuffix(".gz")).write_bytes(gzip.decompress((Path("data/raw") / name).read_bytes()))
+        # torchvision reads the decompressed files from <root>/MNIST/raw, by MNIST's names
+        for name, mnist_name in zip(load_params().dataset.files(), TORCHVISION_MNIST_FILES):
+            (raw / mnist_name).write_bytes(gzip.decompress((Path("data/raw") / name).read_bytes()))
         to_tensor = torchvision.transforms.ToTensor()
         trainset = torchvision.datasets.MNIST(root, train=True, download=False, transform=to_tensor)
         testset = torchvision.datasets.MNIST(root, train=False, download=False, transform=to_tensor)
@@ -191,7 +196,7 @@ def with_overrides(params, overrides: dict):
     )
 
 
-def timed_training(name: str, model_params, train_params) -> TrainingRun:
+def timed_training(name: str, model_params, train_params, weights: Path | None = None, cache_features: bool = True) -> TrainingRun:
     """Train as the train stage does, on the device train_params names, testing after every epoch off the clock."""
     images, labels = load_split("test")
     test_pixels, test_labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
@@ -207,12 +212,48 @@ def timed_training(name: str, model_params, train_params) -> TrainingRun:
         off_clock += time.perf_counter() - epoch_ended
 
     started = time.perf_counter()
-    model, architecture, _ = train.train(model_params, train_params, device, on_epoch)
+    model, architecture, _ = train.train(model_params, train_params, device, on_epoch, weights=weights, cache_features=cache_features)
     seconds = time.perf_counter() - started - off_clock
     images_seen = load_meta()["counts"]["train"] * train_params.epochs
-    flops = flops_per_training_image(CNN(**architecture), architecture["image_size"])
+    flops = flops_per_training_image(build_model(architecture, 0.0, 1.0), architecture["image_size"])
     return TrainingRun(name, seconds, step_seconds, images_seen, accuracy_on(model, test_pixels, test_labels),
                        time_to_99, flops)
+
+
+# ResNet-18 recipes small enough for a CPU: 32x32 inputs, three epochs, and no shifts, so that a frozen backbone's
+# features are computed once; the CNN trains with the same settings. "imagenet" is whatever file data/pretrained/ holds for the weights section of params.yaml.
+TRANSFER_TRAIN = {"epochs": 3, "shift_pixels": 0}
+RESNET = {"arch": "resnet18", "input_size": 32}
+TRANSFER = {
+    "ResNet-18 from scratch": ({**RESNET, "pretrained": "none", "freeze": False}, True),
+    "ResNet-18 frozen, features cached": ({**RESNET, "pretrained": "imagenet", "freeze": True}, True),
+    "ResNet-18 frozen, not cached": ({**RESNET, "pretrained": "imagenet", "freeze": True}, False),
+    "ResNet-18 fine-tuned": ({**RESNET, "pretrained": "imagenet", "freeze": False}, True),
+}
+
+
+def transfer_learning(params, device: str) -> None:
+    """The ResNet-18 recipes next to params.yaml's CNN: seconds (the whole run) and test accuracy of each, and
+    what computing a frozen backbone's features once saves."""
+    weights = PRETRAINED_DIR / params.weights.file
+    cnn_params, cnn_train = with_overrides(params, {"model": {"arch": "cnn"}, "train": {**TRANSFER_TRAIN, "device": device}})
+    runs = [timed_training("CNN (params.yaml's)", cnn_params, cnn_train)]
+    for name, (model_overrides, cache) in TRANSFER.items():
+        if model_overrides["pretrained"] != "none" and not weights.exists():
+            report(name, f"skipped: no {weights} (dvc repro pretrained, with model.pretrained: imagenet)")
+            continue
+        model_params, train_params = with_overrides(params, {"model": model_overrides, "train": {**TRANSFER_TRAIN, "device": device}})
+        runs.append(timed_training(name, model_params, train_params, weights, cache_features=cache))
+    print(f"\n{'transfer learning':<36} {'epochs':>6} {'seconds':>8} {'s/epoch':>8} {'test acc':>9}")
+    for run in runs:
+        epochs = run.images // load_meta()["counts"]["train"]
+        print(f"{run.name:<36} {epochs:>6} {run.seconds:>8.1f} {run.step_seconds / epochs:>8.2f} {run.accuracy:>9.4f}")
+    print("seconds: the whole run (a frozen backbone's features included); s/epoch: the optimisation steps alone.\n")
+    by_name = {run.name: run for run in runs}
+    cached, uncached = by_name.get("ResNet-18 frozen, features cached"), by_name.get("ResNet-18 frozen, not cached")
+    if cached and uncached:
+        report("frozen backbone, features computed once", f"{uncached.seconds / cached.seconds:.1f}x faster "
+               f"({uncached.seconds:.1f} s -> {cached.seconds:.1f} s); epochs {uncached.step_seconds / cached.step_seconds:.0f}x")
 
 
 def best_images_per_second(runtimes: dict, pixels: np.ndarray, rounds: int = 7, repeats: int = 10) -> dict[str, float]:
@@ -331,6 +372,8 @@ def best_preset(params, device: str) -> TrainingRun:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--best", action="store_true", help="also train the `best` preset (about 10 minutes on 2 cores)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="only the ResNet-18 recipes (from scratch, frozen with and without cached features, fine-tuned) and the CNN")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the project's training runs; the reference loop and inference stay on the CPU")
     args = parser.parse_args()
@@ -340,6 +383,9 @@ def main() -> None:
     threads = train.use_threads(params.train.threads)  # train.train sets the same count again for its runs
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
     print(f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} CPUs{gpu}\n")
+    if args.transfer:
+        transfer_learning(params, args.device)
+        return
 
     gemm = gemm_gflops(device)
     for name, rate in gemm.items():

@@ -15,9 +15,16 @@ import numpy as np
 import pytest
 
 from stages.idx import write_idx
-from stages.params import MNIST_FILES
+from stages.params import DATASET_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The four files of MNIST, as every mirror names them, in the order of DATASET_FILES.
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def synthetic_digits(count: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +47,11 @@ def write_synthetic_mnist(directory: Path, train: int = 300, test: int = 100) ->
     for name, array in zip(MNIST_FILES, (train_images, train_labels, test_images, test_labels)):
         write_idx(array, directory / name)
     return {name: hashlib.sha256(gzip.decompress((directory / name).read_bytes())).hexdigest() for name in MNIST_FILES}
+
+
+def dataset_files(hashes: dict[str, str]) -> dict[str, dict]:
+    """write_synthetic_mnist's hashes as the file entries of params.yaml's dataset section."""
+    return {key: {"file": name, "sha256": hashes[name]} for key, name in zip(DATASET_FILES, MNIST_FILES)}
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -14,10 +14,9 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, run_stage_cli, update_params, write_synthetic_mnist
+from conftest import MNIST_FILES, REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, dataset_files, run_stage_cli, update_params, write_synthetic_mnist
 from stages import download, evaluate, export, preprocess, train
 from stages.errors import PipelineError, run_stage
-from stages.params import MNIST_FILES
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def finished_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("finished")
     (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     hashes = write_synthetic_mnist(work / "mirror")
-    update_params(work / "params.yaml", {**TINY_PARAMS, "download": {"mirrors": [str(work / "mirror")], "sha256": hashes}})
+    update_params(work / "params.yaml", {**TINY_PARAMS, "dataset": dataset_files(hashes), "download": {"mirrors": [str(work / "mirror")]}})
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         patch.delenv("MNIST_PIPELINE_MIRRORS", raising=False)

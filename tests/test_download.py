@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QuietHandler, run_stage_cli, serving, update_params, write_synthetic_mnist
+from conftest import MNIST_FILES, QuietHandler, dataset_files, run_stage_cli, serving, update_params, write_synthetic_mnist
 from stages import download
 from stages.errors import PipelineError
-from stages.params import MNIST_FILES, load_params
+from stages.params import load_params
 
 NAME = MNIST_FILES[1]
 # download.max_megabytes and download.deadline in these tests: synthetic files are a few hundred kB at most.
@@ -97,8 +97,9 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
 def _params_with(hashes, mirror_urls=("http://127.0.0.1:9/",)):
     """params.yaml with the download section pointed at test mirrors and synthetic hashes."""
     params = load_params()
-    download_params = dataclasses.replace(params.download, mirrors=list(mirror_urls), sha256=hashes, timeout=1, retries=0, deadline=DEADLINE, max_megabytes=MAX_MEGABYTES)
-    return dataclasses.replace(params, download=download_params)
+    download_params = dataclasses.replace(params.download, mirrors=list(mirror_urls), timeout=1, retries=0, deadline=DEADLINE, max_megabytes=MAX_MEGABYTES)
+    dataset = dataclasses.replace(params.dataset, **dataset_files(hashes))
+    return dataclasses.replace(params, download=download_params, dataset=dataset)
 
 
 def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):
@@ -237,7 +238,7 @@ def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fau
 def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty):
     urls, hashes, _ = faulty
     mirrors = [urls[fault] for fault in FAULTS]
-    update_params(Path("params.yaml"), {"download": {"mirrors": mirrors, "sha256": hashes, "timeout": TIMEOUT, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}})
+    update_params(Path("params.yaml"), {"dataset": dataset_files(hashes), "download": {"mirrors": mirrors, "timeout": TIMEOUT, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}})
     download.OUTPUT_DIR.mkdir(parents=True)
     (download.OUTPUT_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
     result = run_stage_cli("download")

@@ -95,7 +95,7 @@ def test_unknown_section_suggests_the_closest(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["trian"] = params.pop("train")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(PipelineError, match=r"unknown section 'trian' \(did you mean 'train'\?\); the sections are: download,"):
+    with pytest.raises(PipelineError, match=r"unknown section 'trian' \(did you mean 'train'\?\); the sections are: dataset, download,"):
         load_params(tmp_path / "params.yaml")
 
 

@@ -18,12 +18,13 @@ import torch
 import yaml
 from dvc_render.base import Renderer
 
-from conftest import REPO_ROOT, TINY_PARAMS, update_params, write_synthetic_mnist
+from conftest import REPO_ROOT, TINY_PARAMS, dataset_files, update_params, write_synthetic_mnist
 from stages.model import load_checkpoint
+from stages.params import DATASET_FILES
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+STAGES = ["download", "pretrained", "preprocess", "train", "evaluate", "export"]
 TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", "stages"]
 
 
@@ -75,7 +76,7 @@ def project(tmp_path_factory):
             shutil.copy(source, target)
     update_params(
         repo / "params.yaml",
-        {**TINY_PARAMS, "download": {"mirrors": [f"{url}/broken/", f"{url}/good/"], "sha256": hashes, "timeout": 5, "retries": 0}},
+        {**TINY_PARAMS, "dataset": dataset_files(hashes), "download": {"mirrors": [f"{url}/broken/", f"{url}/good/"], "timeout": 5, "retries": 0}},
     )
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
@@ -92,7 +93,9 @@ def test_first_repro_runs_every_stage_and_fails_over_to_the_good_mirror(project)
     repo, output = project
     assert ran_stages(output) == STAGES
     assert "/good/train-images-idx3-ubyte.gz" in output
-    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(yaml.safe_load((repo / "params.yaml").read_text())["download"]["sha256"])
+    dataset = yaml.safe_load((repo / "params.yaml").read_text())["dataset"]
+    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(dataset[key]["file"] for key in DATASET_FILES)
+    assert (repo / "data/pretrained/none.txt").is_file(), "model.pretrained: none fetches nothing, and says so"
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert meta["counts"] == {"train": 540, "val": 60, "test": 200}
 
@@ -187,6 +190,32 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
     assert "metrics/eval.json" in metrics_diff and "accuracy" in metrics_diff
     plots = run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
     assert (repo / "plots_html/index.html").exists(), plots
+
+
+def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_what_depends_on_them(project):
+    import torchvision
+
+    from stages.download import file_sha256
+
+    repo, _ = project
+    params_before = (repo / "params.yaml").read_text()
+    server = yaml.safe_load((repo / "params.yaml").read_text())["download"]["mirrors"][-1].removesuffix("good/")
+    weights = repo.parent / "www/weights/resnet18-test.pth"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    update_params(repo / "params.yaml", {
+        "model": {"arch": "resnet18", "pretrained": "imagenet", "freeze": True, "input_size": 32},
+        "train": {"epochs": 1, "shift_pixels": 0},
+        "weights": {"file": weights.name, "sha256": file_sha256(weights), "mirrors": [f"{server}weights/"]},
+    })
+    output = run(["dvc", "repro"], repo)
+    assert ran_stages(output) == ["pretrained", "train", "evaluate", "export"]
+    assert [p.name for p in (repo / "data/pretrained").iterdir()] == [weights.name]
+    assert json.loads((repo / "metrics/export.json").read_text())["max_abs_diff"] <= 1e-4, "ONNX verified against PyTorch"
+    assert ran_stages(run(["dvc", "repro"], repo)) == []
+    (repo / "params.yaml").write_text(params_before)  # back to the CNN, restored from the run-cache
+    assert "Stage 'train' is cached - skipping run" in run(["dvc", "repro"], repo)
 
 
 def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(project):

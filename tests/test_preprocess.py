@@ -7,11 +7,10 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import TINY_PARAMS, assert_one_line_error, run_stage_cli, update_params, write_synthetic_mnist
+from conftest import MNIST_FILES, TINY_PARAMS, assert_one_line_error, run_stage_cli, update_params, write_synthetic_mnist
 from stages import preprocess
 from stages.errors import PipelineError
 from stages.idx import write_idx
-from stages.params import MNIST_FILES
 from stages.prepared import load_split
 
 

@@ -1,0 +1,59 @@
+"""Stage, pretrained: fetch the ImageNet weights model.pretrained asks for into data/pretrained/, or nothing.
+
+The weights are an input like the data: the same mirrors logic ($MNIST_PIPELINE_MIRRORS first), bounds and
+messages as the download stage, verified by the SHA-256 in params.yaml before they are renamed into place.
+Torch hub's cache is never read. When no weights are needed, the directory holds only a note saying so:
+DVC then still has an output to track, and a stale weights file never lingers.
+"""
+
+from pathlib import Path
+
+from stages.download import MEGABYTE, already_verified, download_file, file_sha256, mirrors_to_try
+from stages.errors import run_stage
+from stages.files import atomic_path, remove_stale_temp_files
+from stages.params import Params, load_params
+
+OUTPUT_DIR = Path("data/pretrained")
+NONE_NOTE = OUTPUT_DIR / "none.txt"
+
+
+def weights_file(params: Params) -> Path | None:
+    """Where the train stage finds the pretrained weights the params ask for; None when they ask for none."""
+    return OUTPUT_DIR / params.weights.file if params.model.pretrained == "imagenet" else None
+
+
+def main() -> None:
+    params = load_params()
+    target = weights_file(params)
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(OUTPUT_DIR)
+    max_bytes = params.download.max_megabytes * MEGABYTE
+    if target is None:
+        with atomic_path(NONE_NOTE) as temp:
+            temp.write_text("model.pretrained is none: this run needs no pretrained weights\n")
+        message = "no pretrained weights needed (model.pretrained: none)"
+    elif already_verified(target, params.weights.sha256, max_bytes, file_sha256):
+        message = f"{target.name}: already present and verified"
+    else:
+        url = download_file(
+            target.name,
+            params.weights.sha256,
+            mirrors_to_try(params.weights.mirrors),
+            params.download.timeout,
+            params.download.retries,
+            max_bytes=max_bytes,
+            deadline=params.download.deadline,
+            output_dir=OUTPUT_DIR,
+            digest=file_sha256,
+            offline_files=target.name,
+        )
+        message = f"{target.name}: verified, from {url}"
+    kept = target or NONE_NOTE
+    for leftover in OUTPUT_DIR.iterdir():  # what other params fetched: the directory holds what these ask for
+        if leftover != kept and leftover.is_file():
+            leftover.unlink()
+    print(message)
+
+
+if __name__ == "__main__":
+    run_stage(main)
