@@ -389,7 +389,8 @@ def test_artifacts_get_fetches_the_onnx_model_by_name(project, pushed_clone):
     repo, _ = project
     artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
     assert {name: (a["path"], a["type"]) for name, a in artifacts.items()} == {
-        "mnist-cnn": ("models/model.pt", "model"), "mnist-cnn-onnx": ("models/model.onnx", "model")}
+        "mnist-cnn": ("models/model.pt", "model"), "mnist-cnn-onnx": ("models/model.onnx", "model"),
+        "mnist-cnn-int8": ("models/model.int8.onnx", "model")}
     assert all(a["desc"] and a["labels"] for a in artifacts.values())
     run(["git", "tag", "-a", "mnist-cnn-onnx@v1.0.0", "-m", "first registered version"], repo)
     target = repo.parent / "registry"
