@@ -2,15 +2,19 @@
 
 The pretrained stage fetches model weights with the same functions."""
 
+import contextlib
 import gzip
 import hashlib
 import http.client
 import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -82,17 +86,47 @@ def file_sha256(path: Path, max_bytes: int | None = None) -> str:
     return digest.hexdigest()
 
 
+def past_deadline(deadline: float, received: int | None = None) -> DownloadFailed:
+    progress = f" ({received} bytes received)" if received is not None else ""
+    return DownloadFailed(f"not finished within download.deadline = {deadline:g} s{progress}", permanent=True)
+
+
+@contextlib.contextmanager
+def interrupted_after(deadline: float | None) -> Iterator[None]:
+    """Raise past_deadline() in the main thread once `deadline` seconds have passed, whatever blocks it: a mirror
+    can trickle its status line and headers too, which urllib reads before fetch sees a byte of the body, each
+    read within the timeout. Off the main thread (signals reach only that one), fetch's own check must do."""
+    if deadline is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise past_deadline(deadline)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, deadline)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def fetch(url: str, destination: Path, timeout: float, *, max_bytes: int | None, deadline: float | None) -> None:
     """Stream a URL to a file with a progress bar; any network or HTTP failure becomes DownloadFailed.
 
-    timeout bounds each wait for data; deadline (seconds) the whole transfer, so that a mirror trickling a byte
-    at a time fails too: it is checked after every read, so it is overrun by at most one timeout. No more than
-    max_bytes are written, whatever Content-Length says. A failed write is the disk's fault, not the mirror's:
-    it propagates (stages.errors.DISK_FAULTS), and the stage stops.
+    timeout bounds each wait for data; deadline (seconds) the whole transfer, headers included, so that a mirror
+    trickling a byte at a time fails too (interrupted_after; the check after every read names the bytes received).
+    No more than max_bytes are written, whatever Content-Length says. A failed write is the disk's fault, not the
+    mirror's: it propagates (stages.errors.DISK_FAULTS), and the stage stops.
     """
     started = time.monotonic()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, destination.open("wb") as out:
+        with (
+            interrupted_after(deadline),
+            urllib.request.urlopen(url, timeout=timeout) as response,
+            destination.open("wb") as out,
+        ):
             size = int(response.headers.get("Content-Length") or 0) or None
             if size is not None and max_bytes is not None and size > max_bytes:
                 raise DownloadFailed(f"announces {size} bytes, {too_large(max_bytes)}", permanent=True)
@@ -108,10 +142,7 @@ def fetch(url: str, destination: Path, timeout: float, *, max_bytes: int | None,
                     out.write(chunk)
                     bar.update(len(chunk))
                     if deadline is not None and time.monotonic() - started > deadline:
-                        raise DownloadFailed(
-                            f"not finished within download.deadline = {deadline:g} s ({received} bytes received)",
-                            permanent=True,  # a mirror this slow would take as long again
-                        )
+                        raise past_deadline(deadline, received)  # permanent: a mirror this slow would take as long again
             if size is not None and received != size:
                 raise DownloadFailed(f"connection closed after {received} of {size} bytes", permanent=False)
     except urllib.error.HTTPError as error:

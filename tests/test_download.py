@@ -132,6 +132,7 @@ FAULTS = {
     "liar": (f"announces {10 * LIMITS['max_bytes']} bytes, more than {MAX_MEGABYTES} MB", "permanent"),
     "understated": ("not a complete gzip file", "permanent"),
     "trickle": (f"not finished within download.deadline = {DEADLINE:g} s", "permanent"),
+    "slowheaders": (f"not finished within download.deadline = {DEADLINE:g} s", "permanent"),
     "bomb": (f"decompresses to more than {MAX_MEGABYTES} MB", "permanent"),
 }
 TIMEOUT = 0.2  # download.timeout in these tests: the "timeout" mirror says nothing for STALL seconds
@@ -165,6 +166,14 @@ class FaultyHandler(QuietHandler):
             with contextlib.suppress(ConnectionError):
                 while True:
                     self.wfile.write(bytes(1 << 16))
+        if fault == "slowheaders":  # a status line, then header bytes one at a time: urllib is still reading headers
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(int(10 * DEADLINE / TRICKLE)):  # ten deadlines' worth, then give up
+                    self.wfile.write(b"a")
+                    threading.Event().wait(TRICKLE)
+            self.close_connection = True
+            return
         if fault == "trickle":  # the right file, one byte at a time, each well within the read timeout
             self.send_response(200)
             self.send_header("Content-Length", str(len(good)))
@@ -254,7 +263,7 @@ def test_malformed_mirror_url_from_the_environment_is_a_clear_failure(workdir):
         download.download_file(NAME, "0" * 64, ["http://[::1/"], TIMEOUT, retries=1, **LIMITS)
 
 
-@pytest.mark.parametrize("fault", ["endless", "liar", "trickle"])
+@pytest.mark.parametrize("fault", ["endless", "liar", "trickle", "slowheaders"])
 def test_an_endless_or_trickling_mirror_fails_over_within_the_deadline(faulty, fault):
     urls, hashes, _ = faulty
     started = time.monotonic()
