@@ -1,6 +1,5 @@
 """Stage 5, export: the model as one self-contained ONNX file that takes raw pixels, verified against PyTorch, and its int8 copy."""
 
-import copy
 import tempfile
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch import nn
 
 from stages.errors import PipelineError, disk_fault, gist, run_stage
 from stages.files import atomic_path, write_json
-from stages.model import ACTIVATIONS, MODEL_FILE, PixelClassifier, load_checkpoint, predict_logits
+from stages.model import MODEL_FILE, PixelClassifier, export_form, load_checkpoint, predict_logits
 from stages.params import load_params
 from stages.predict import inference_session
 from stages.prepared import load_split
@@ -26,23 +25,11 @@ VERIFY_BATCH = 1000
 
 
 class WithProbabilities(nn.Module):
-    """What the ONNX file computes: the logits, and their softmax beside them for clients that want probabilities.
-
-    Each block's activation moves back before its max-pooling: the same function (every activation offered is
-    monotonic), and onnxruntime fuses an activation into the convolution before it, but not into a pooling.
-    Networks without a `features` sequence of layers are exported as they are.
-    """
+    """What the ONNX file computes: the logits, and their softmax beside them for clients that want probabilities."""
 
     def __init__(self, model: PixelClassifier):
         super().__init__()
-        self.model = copy.deepcopy(model)
-        features = getattr(self.model.network, "features", None)
-        if isinstance(features, nn.Sequential):
-            layers = list(features)
-            for i in range(len(layers) - 1):
-                if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], tuple(ACTIVATIONS.values())):
-                    layers[i], layers[i + 1] = layers[i + 1], layers[i]
-            self.model.network.features = nn.Sequential(*layers)
+        self.model = model
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(pixels)
@@ -50,7 +37,7 @@ class WithProbabilities(nn.Module):
 
 
 def export_onnx(model: PixelClassifier, path: Path, opset: int, image_size: int, class_names: list[str]) -> int:
-    """Trace the model with a dynamic batch dimension and write it, weights included, to one file.
+    """Trace the model (in its export_form) with a dynamic batch dimension and write it, weights included, to one file.
 
     Returns the opset the file declares for the default ONNX domain.
     """
@@ -151,7 +138,8 @@ def main() -> None:
     # Both models are renamed into place only once both pass; the int8 file is opened once the fp32 one is
     # written, so that a disk fault in either names the file it struck.
     with atomic_path(ONNX_FILE) as temp:
-        opset = export_onnx(model, temp, params.opset, images.shape[1], checkpoint["class_names"])
+        exportable = export_form(model, checkpoint["architecture"])
+        opset = export_onnx(exportable, temp, params.opset, images.shape[1], checkpoint["class_names"])
         reference = predict_logits(model, torch.from_numpy(pixels), VERIFY_BATCH)
         reference_probabilities = torch.softmax(reference, dim=1).numpy()
         reference = reference.numpy()
