@@ -22,12 +22,15 @@ def read_idx(path: Path | str) -> np.ndarray:
         raise PipelineError(f"{path} not found") from None
     except OSError as error:
         raise PipelineError(f"{path} cannot be read ({error.strerror or error})") from None
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:
-            raise PipelineError(f"{path} is corrupt: not a complete gzip file ({error})") from None
-    return parse_idx(data, str(path))
+    return parse_idx(gunzip(data, str(path)) if path.suffix == ".gz" else data, str(path))
+
+
+def gunzip(data: bytes, name: str) -> bytes:
+    """The decompressed content of a gzipped file; a damaged or cut one is a PipelineError naming it."""
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise PipelineError(f"{name} is corrupt: not a complete gzip file ({error})") from None
 
 
 def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:

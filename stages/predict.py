@@ -7,11 +7,9 @@ ratio, and centred by its centre of mass.
 """
 
 import argparse
-import gzip
 import json
 import sys
 import warnings
-import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.errors import PipelineError, gist, run_stage
-from stages.idx import parse_idx
+from stages.idx import gunzip, parse_idx
 
 DEFAULT_MODEL = Path("models/model.onnx")
 INPUT_NAME, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
@@ -150,12 +148,7 @@ def read_array_file(path: Path, data: bytes) -> np.ndarray:
         except (ValueError, OSError, EOFError) as error:
             raise PipelineError(f"{path}: damaged .npy file ({gist(error)})") from None
     else:
-        if data[:2] == b"\x1f\x8b":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError, zlib.error) as error:
-                raise PipelineError(f"{path} is corrupt: not a complete gzip file ({gist(error)})") from None
-        array = parse_idx(data, str(path))
+        array = parse_idx(gunzip(data, str(path)) if data[:2] == b"\x1f\x8b" else data, str(path))
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim not in (2, 3) or array.size == 0 or array.dtype.kind not in "uif" or array.dtype.itemsize > 8:
