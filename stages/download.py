@@ -53,37 +53,31 @@ def too_large(max_bytes: int) -> str:
     return f"more than {max_bytes / MEGABYTE:g} MB, the limit download.max_megabytes sets"
 
 
-def content_sha256(path: Path, max_bytes: int | None = None) -> str:
-    """SHA-256 of the decompressed content: mirrors recompress, so the .gz bytes are not comparable.
-
-    A file that decompresses to more than max_bytes fails (a gzip bomb, an endless stream) before the disk fills.
-    """
+def stream_sha256(stream, max_bytes: int | None, too_large_words: str) -> str:
+    """SHA-256 of what `stream` reads; past max_bytes it fails (a gzip bomb, an endless stream) before the disk fills."""
     digest = hashlib.sha256()
     size = 0
+    while chunk := stream.read(CHUNK):
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise DownloadFailed(f"{too_large_words} {too_large(max_bytes)}", permanent=True)
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_sha256(path: Path, max_bytes: int | None = None) -> str:
+    """SHA-256 of the decompressed content: mirrors recompress, so the .gz bytes are not comparable."""
     try:
         with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(CHUNK):
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise DownloadFailed(f"decompresses to {too_large(max_bytes)}", permanent=True)
-                digest.update(chunk)
+            return stream_sha256(stream, max_bytes, "decompresses to")
     except (OSError, EOFError, zlib.error) as error:
         raise DownloadFailed(f"not a complete gzip file ({error})", permanent=True) from None
-    return digest.hexdigest()
 
 
 def file_sha256(path: Path, max_bytes: int | None = None) -> str:
-    """SHA-256 of the file's own bytes, for files that no mirror recompresses (model weights); like content_sha256,
-    a file larger than max_bytes fails."""
-    digest = hashlib.sha256()
-    size = 0
+    """SHA-256 of the file's own bytes, for files that no mirror recompresses (model weights)."""
     with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            size += len(chunk)
-            if max_bytes is not None and size > max_bytes:
-                raise DownloadFailed(f"is {too_large(max_bytes)}", permanent=True)
-            digest.update(chunk)
-    return digest.hexdigest()
+        return stream_sha256(stream, max_bytes, "is")
 
 
 def past_deadline(deadline: float, received: int | None = None) -> DownloadFailed:
