@@ -30,7 +30,7 @@ bench: repro
 
 # Regenerate .dvc/plots/offline.html, the committed offline page template of `dvc plots`, after bumping vl-convert-python.
 plots-template: $(VENV)/.installed-test
-	$(BIN)/python -m stages.offline_plots
+	$(BIN)/mnist-plots-template
 
 clean-venv:
 	rm -rf $(VENV)

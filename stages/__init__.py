@@ -1,1 +1,1 @@
-"""mnist-pipeline: one module per DVC stage (download, preprocess, train, evaluate, export), the few they share, and mnist-predict (predict.py)."""
+"""The six DVC stages, one script each (`python -m stages.<name>`); what they share lives in mnist_pipeline."""

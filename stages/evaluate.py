@@ -1,4 +1,4 @@
-"""Stage 4, evaluate: the trained model on the held-out test set, as headline metrics and the data of its plots.
+"""Stage 5, evaluate: the trained model on the held-out test set, as headline metrics and the data of its plots.
 
 metrics/eval.json holds the headline numbers only, one short row in `dvc metrics show`; the per-class numbers
 (metrics/per_class.csv), every prediction (metrics/predictions.csv, for the confusion matrices) and a gallery of
@@ -13,11 +13,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from stages.errors import run_stage
-from stages.files import atomic_directory, atomic_path, dump_json
-from stages.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
-from stages.params import load_params
-from stages.prepared import load_split
+from mnist_pipeline.errors import run_stage
+from mnist_pipeline.files import atomic_directory, atomic_path, dump_json
+from mnist_pipeline.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
+from mnist_pipeline.params import load_params
+from mnist_pipeline.prepared import load_split
 
 METRICS_FILE = Path("metrics/eval.json")
 PREDICTIONS_FILE = Path("metrics/predictions.csv")

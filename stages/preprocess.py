@@ -1,13 +1,13 @@
-"""Stage 2, preprocess: the IDX files to compact uint8 arrays with a seeded validation split, in data/prepared/."""
+"""Stage 3, preprocess: the IDX files to compact uint8 arrays with a seeded validation split, in data/prepared/."""
 
 from pathlib import Path
 
 import numpy as np
 
-from stages.errors import PipelineError, run_stage
-from stages.idx import read_idx
-from stages.params import DatasetParams, load_params
-from stages.prepared import save_prepared
+from mnist_pipeline.errors import PipelineError, run_stage
+from mnist_pipeline.idx import read_idx
+from mnist_pipeline.params import DatasetParams, load_params
+from mnist_pipeline.prepared import save_prepared
 
 RAW_DIR = Path("data/raw")
 

@@ -1,4 +1,4 @@
-"""Stage, pretrained: fetch the ImageNet weights model.pretrained asks for into data/pretrained/, or nothing.
+"""Stage 2, pretrained: fetch the ImageNet weights model.pretrained asks for into data/pretrained/, or nothing.
 
 The weights are an input like the data: the same mirrors logic ($MNIST_PIPELINE_MIRRORS first), bounds and
 messages as the download stage, verified by the SHA-256 in params.yaml before they are renamed into place.
@@ -6,20 +6,14 @@ Torch hub's cache is never read. When no weights are needed, the directory holds
 DVC then still has an output to track, and a stale weights file never lingers.
 """
 
-from pathlib import Path
+from mnist_pipeline.download import MEGABYTE, already_verified, download_file, file_sha256, mirrors_to_try
+from mnist_pipeline.errors import run_stage
+from mnist_pipeline.files import atomic_path, remove_stale_temp_files
+from mnist_pipeline.pretrained import PRETRAINED_DIR as OUTPUT_DIR
+from mnist_pipeline.pretrained import weights_file
+from mnist_pipeline.params import load_params
 
-from stages.download import MEGABYTE, already_verified, download_file, file_sha256, mirrors_to_try
-from stages.errors import run_stage
-from stages.files import atomic_path, remove_stale_temp_files
-from stages.params import Params, load_params
-
-OUTPUT_DIR = Path("data/pretrained")
 NONE_NOTE = OUTPUT_DIR / "none.txt"
-
-
-def weights_file(params: Params) -> Path | None:
-    """Where the train stage finds the pretrained weights the params ask for; None when they ask for none."""
-    return OUTPUT_DIR / params.weights.file if params.model.pretrained == "imagenet" else None
 
 
 def main() -> None:

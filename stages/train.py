@@ -1,4 +1,4 @@
-"""Stage 3, train: fit the model on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt."""
+"""Stage 4, train: fit the model on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt."""
 
 import copy
 import ctypes
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from dvclive import Live
 from tqdm import tqdm
 
-from stages.download import file_sha256
-from stages.errors import gist, run_stage
-from stages.files import atomic_directory, atomic_path, require_free_space
-from stages.model import (
+from mnist_pipeline.download import file_sha256
+from mnist_pipeline.errors import gist, run_stage
+from mnist_pipeline.files import atomic_directory, atomic_path, require_free_space
+from mnist_pipeline.model import (
     MODEL_FILE,
     PixelClassifier,
     architecture_for,
@@ -31,9 +31,9 @@ from stages.model import (
     predict_logits,
     save_checkpoint,
 )
-from stages.params import ModelParams, Params, TrainParams, load_params
-from stages.prepared import load_meta, load_split
-from stages.pretrained import weights_file
+from mnist_pipeline.params import ModelParams, Params, TrainParams, load_params
+from mnist_pipeline.prepared import load_meta, load_split
+from mnist_pipeline.pretrained import weights_file
 
 LIVE_DIR = Path("metrics/train")
 # The state after the last finished epoch, so a killed run resumes; deleted once model.pt is written.

@@ -29,13 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
-from stages.errors import run_stage  # noqa: E402
-from stages.export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
-from stages.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
-from stages.params import load_params  # noqa: E402
-from stages.predict import inference_session  # noqa: E402
-from stages.prepared import load_meta, load_split  # noqa: E402
-from stages.pretrained import OUTPUT_DIR as PRETRAINED_DIR  # noqa: E402
+from mnist_pipeline.errors import run_stage  # noqa: E402
+from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
+from mnist_pipeline.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
+from mnist_pipeline.params import load_params  # noqa: E402
+from mnist_pipeline.onnx_io import inference_session  # noqa: E402
+from mnist_pipeline.prepared import load_meta, load_split  # noqa: E402
+from mnist_pipeline.pretrained import PRETRAINED_DIR  # noqa: E402
 
 # One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture, in bf16
 # autocast (this CPU has AVX512-BF16; weights and optimiser state stay fp32).
@@ -296,7 +296,7 @@ def inference(rounds: int = 7) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as folder:
         fp32_path, int8_path = Path(folder) / "model.onnx", Path(folder) / "model.int8.onnx"
         export_onnx(export_form(model, checkpoint["architecture"]), fp32_path, params.opset, images.shape[1], checkpoint["class_names"])
-        quantize_int8(fp32_path, int8_path, calibration_sample(params.calibration_images, params.seed))
+        quantize_int8(fp32_path, int8_path, calibration_sample(load_split("train")[0], params.calibration_images, params.seed))
         sessions = {name: inference_session(path, torch.get_num_threads()) for name, path in
                     [("onnxruntime fp32", fp32_path), ("onnxruntime int8", int8_path)]}
         runtimes = {

@@ -14,8 +14,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from stages.idx import write_idx
-from stages.params import DATASET_FILES
+from mnist_pipeline.idx import write_idx
+from mnist_pipeline.params import DATASET_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The four files of MNIST, as every mirror names them, in the order of DATASET_FILES.
@@ -98,7 +98,7 @@ def write_checkpoint(path: Path, **changes) -> Path:
     """A small model.pt as the train stage writes it; `changes` replace its entries, to make foreign ones."""
     import torch
 
-    from stages.model import CNN, save_checkpoint
+    from mnist_pipeline.model import CNN, save_checkpoint
 
     torch.manual_seed(0)
     meta = {"mean": 0.13, "std": 0.31, "class_names": [str(d) for d in range(10)]}
@@ -125,7 +125,7 @@ def run_stage_cli(stage: str, cwd: Path | None = None, **options) -> subprocess.
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, start: str) -> None:
-    """The contract of stages/errors.py: exit status 1 and one line on stderr, `error: ...`, no traceback."""
+    """The contract of mnist_pipeline/errors.py: exit status 1 and one line on stderr, `error: ...`, no traceback."""
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(f"error: {start}") and result.stderr.count("\n") == 1, result.stderr
 

@@ -15,9 +15,9 @@ import torch
 
 from conftest import TINY_ARCHITECTURE, assert_one_line_error, run_stage_cli, synthetic_digits, write_checkpoint
 from stages import evaluate, export
-from stages.errors import PipelineError
-from stages.model import MODEL_FILE, load_checkpoint
-from stages.prepared import save_split
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.model import MODEL_FILE, load_checkpoint
+from mnist_pipeline.prepared import save_split
 
 
 class RunsCodeWhenUnpickled:

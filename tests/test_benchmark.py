@@ -5,8 +5,8 @@ import pytest
 
 from conftest import TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import export, preprocess, train
-from stages.model import CNN
-from stages.params import MODEL_KEYS_BY_ARCH, load_params
+from mnist_pipeline.model import CNN
+from mnist_pipeline.params import MODEL_KEYS_BY_ARCH, load_params
 
 
 @pytest.fixture

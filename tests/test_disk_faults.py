@@ -16,7 +16,7 @@ import pytest
 
 from conftest import MNIST_FILES, REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, dataset_files, run_stage_cli, update_params, write_synthetic_mnist
 from stages import download, evaluate, export, preprocess, train
-from stages.errors import PipelineError, run_stage
+from mnist_pipeline.errors import PipelineError, run_stage
 
 
 @pytest.fixture(scope="module")

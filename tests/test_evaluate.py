@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import synthetic_digits, update_params, write_checkpoint
 from stages import evaluate
-from stages.model import MODEL_FILE, load_checkpoint, predict_logits
-from stages.prepared import save_split
+from mnist_pipeline.model import MODEL_FILE, load_checkpoint, predict_logits
+from mnist_pipeline.prepared import save_split
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

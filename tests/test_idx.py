@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from stages.errors import PipelineError
-from stages.idx import parse_idx, read_idx, write_idx
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.idx import parse_idx, read_idx, write_idx
 
 
 def test_round_trip_of_images_and_labels(tmp_path):

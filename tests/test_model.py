@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from benchmark import TutorialCNN  # the tutorial's model, as the benchmark's baseline runs it
-from stages.errors import PipelineError
-from stages.model import CNN, PixelClassifier, conv_output_size, load_checkpoint, normalize, save_checkpoint
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.model import CNN, PixelClassifier, conv_output_size, load_checkpoint, normalize, save_checkpoint
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import configparser
 import pytest
 
 from conftest import REPO_ROOT
-from stages import offline_plots
+from mnist_pipeline import offline_plots
 
 
 def test_dvc_config_points_plots_at_the_offline_template():

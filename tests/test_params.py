@@ -6,8 +6,8 @@ import yaml
 
 from conftest import REPO_ROOT, run_stage_cli, update_params
 from stages import evaluate, train
-from stages.errors import PipelineError
-from stages.params import load_params
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.params import load_params
 
 
 def test_shipped_params_are_valid():

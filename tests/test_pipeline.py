@@ -19,13 +19,13 @@ import yaml
 from dvc_render.base import Renderer
 
 from conftest import REPO_ROOT, TINY_PARAMS, dataset_files, update_params, write_synthetic_mnist
-from stages.model import load_checkpoint
-from stages.params import DATASET_FILES
+from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.params import DATASET_FILES
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["download", "pretrained", "preprocess", "train", "evaluate", "export"]
-TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", "stages"]
+TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", "stages", "mnist_pipeline"]
 
 
 def run(args: list[str], cwd: Path) -> str:
@@ -195,7 +195,7 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
 def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_what_depends_on_them(project):
     import torchvision
 
-    from stages.download import file_sha256
+    from mnist_pipeline.download import file_sha256
 
     repo, _ = project
     params_before = (repo / "params.yaml").read_text()

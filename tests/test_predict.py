@@ -15,9 +15,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, update_params, write_synthetic_mnist
-from stages import predict
-from stages.errors import PipelineError
-from stages.idx import write_idx
+from mnist_pipeline import predict
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.idx import write_idx
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_images_of_another_size_and_arrays_are_read(tmp_path):
 
 
 def run_predict(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.predict", *map(str, args)], capture_output=True, text=True, env=STAGE_ENV)
+    return subprocess.run([sys.executable, "-m", "mnist_pipeline.predict", *map(str, args)], capture_output=True, text=True, env=STAGE_ENV)
 
 
 def test_cli_predicts_the_good_files_and_names_each_bad_one(models, tmp_path):
@@ -178,7 +178,7 @@ def test_an_image_too_large_for_memory_is_one_line(models, tmp_path, side, capsy
 def test_prediction_never_imports_torch(models, tmp_path):
     Image.fromarray(glyph()).save(tmp_path / "digit.png")
     code = (
-        "import sys\nfrom stages.predict import main\n"
+        "import sys\nfrom mnist_pipeline.predict import main\n"
         f"try:\n    main([{str(tmp_path / 'digit.png')!r}, '--model', {str(models / 'model.onnx')!r}])\n"
         "except SystemExit as done:\n    assert done.code == 0\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
@@ -190,5 +190,5 @@ def test_prediction_never_imports_torch(models, tmp_path):
 
 def test_mnist_predict_is_an_installed_command():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["mnist-predict"] == "stages.predict:main"
+    assert scripts["mnist-predict"] == "mnist_pipeline.predict:main"
     assert "pillow" in " ".join(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]).lower()

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import MNIST_FILES, TINY_PARAMS, assert_one_line_error, run_stage_cli, update_params, write_synthetic_mnist
 from stages import preprocess
-from stages.errors import PipelineError
-from stages.idx import write_idx
-from stages.prepared import load_split
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.idx import write_idx
+from mnist_pipeline.prepared import load_split
 
 
 def test_split_is_deterministic_disjoint_and_seed_dependent():

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, run_stage_cli, stage_command, update_params, write_synthetic_mnist
-from stages import model as model_module
+from mnist_pipeline import model as model_module
 from stages import preprocess, train
-from stages.errors import run_stage
-from stages.model import load_checkpoint
-from stages.params import load_params
+from mnist_pipeline.errors import run_stage
+from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.params import load_params
 
 
 def test_random_shift_moves_each_image_by_at_most_the_limit():

@@ -22,12 +22,13 @@ from conftest import (
     update_params,
     write_synthetic_mnist,
 )
-from stages import describe_dataset, download, evaluate, export, preprocess, pretrained, train
-from stages.download import content_sha256, file_sha256
-from stages.errors import PipelineError
-from stages.idx import write_idx
-from stages.model import ARCHITECTURES, architecture_for, build_model, load_checkpoint
-from stages.params import DATASET_FILES, MODEL_KEYS_BY_ARCH, load_params
+from mnist_pipeline import describe_dataset
+from stages import download, evaluate, export, preprocess, pretrained, train
+from mnist_pipeline.download import content_sha256, file_sha256
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.idx import write_idx
+from mnist_pipeline.model import ARCHITECTURES, architecture_for, build_model, load_checkpoint
+from mnist_pipeline.params import DATASET_FILES, MODEL_KEYS_BY_ARCH, load_params
 
 WEIGHTS = "resnet18-test.pth"
 FROZEN = {"arch": "resnet18", "pretrained": "imagenet", "freeze": True, "input_size": 32}
@@ -235,7 +236,7 @@ def write_letters(directory, train: int = 520, test: int = 130) -> None:
 
 
 def describe(directory) -> dict:
-    result = subprocess.run([sys.executable, "-m", "stages.describe_dataset", str(directory)], capture_output=True, text=True, env=STAGE_ENV)
+    result = subprocess.run([sys.executable, "-m", "mnist_pipeline.describe_dataset", str(directory)], capture_output=True, text=True, env=STAGE_ENV)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)["dataset"]
 

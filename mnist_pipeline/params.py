@@ -10,14 +10,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from stages.errors import PipelineError, gist
+from mnist_pipeline.errors import PipelineError, gist
 
 PARAMS_FILE = Path("params.yaml")
 
 # The four files of an MNIST-format dataset, by the key that names each one in the dataset section.
 DATASET_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 
-# The model keys each architecture reads (stages/model.py has one builder per name); the others are
+# The model keys each architecture reads (mnist_pipeline/model.py has one builder per name); the others are
 # validated all the same, and ignored.
 MODEL_KEYS_BY_ARCH = {
     "cnn": ("conv_channels", "convs_per_block", "kernel_size", "batch_norm", "fc_units", "activation", "dropout"),

@@ -14,32 +14,20 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import onnxruntime
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.errors import PipelineError, gist, run_stage
-from stages.idx import gunzip, parse_idx
+from mnist_pipeline.errors import PipelineError, gist, run_stage
+from mnist_pipeline.idx import gunzip, parse_idx
+from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, PROBABILITIES, inference_session
 
 DEFAULT_MODEL = Path("models/model.onnx")
-INPUT_NAME, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
 # An image this large would take gigabytes once decoded and converted; Pillow refuses to open one twice as large.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 BATCH = 256  # images per onnxruntime call
 PROGRESS_FROM = 100  # files; fewer finish before a progress bar would say anything
 IMAGE_FORMATS = "PNG, JPEG, BMP, GIF or TIFF"
-
-
-def inference_session(path: Path | str, threads: int = 0) -> onnxruntime.InferenceSession:
-    """onnxruntime's fastest CPU set-up for these small models, measured by tests/benchmark.py: every graph
-    optimisation (NCHWc convolutions, fused activations), one operator at a time, `threads` threads (0: every core)."""
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class Classifier:

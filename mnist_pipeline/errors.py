@@ -50,7 +50,7 @@ def disk_fault(error: BaseException | None) -> OSError | None:
 
 
 def describe_disk_fault(fault: OSError) -> str:
-    """One line: the path, the problem, what to do. A write reports no path: stages.files names its output."""
+    """One line: the path, the problem, what to do. A write reports no path: mnist_pipeline.files names its output."""
     problem, advice = DISK_FAULTS[fault.errno]
     path = os.fsdecode(fault.filename) if fault.filename is not None else "a file this stage was writing"
     return f"{path}: {problem}; {advice.format(directory=os.path.dirname(path) or '.')}"
@@ -58,7 +58,7 @@ def describe_disk_fault(fault: OSError) -> str:
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError, or a disk or permission fault (DISK_FAULTS), becomes one line on
-    stderr and exit status 1. Outputs are written through stages.files, so such a failure leaves no partial file."""
+    stderr and exit status 1. Outputs are written through mnist_pipeline.files, so such a failure leaves no partial file."""
     try:
         main()
     except PipelineError as error:

@@ -1,6 +1,6 @@
 """Print the params.yaml `dataset` section for a directory of four MNIST-format files, ready to paste.
 
-    python -m stages.describe_dataset /path/to/fashion-mnist
+    mnist-describe-dataset /path/to/fashion-mnist
 
 Finds the training and test images and labels (gzipped IDX files, named *ubyte* or *idx*; images have three dimensions, labels one,
 and the names say train, or test or t10k), hashes their decompressed content as the download stage checks it,
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stages.download import DownloadFailed, content_sha256
-from stages.errors import PipelineError, run_stage
-from stages.idx import read_idx
-from stages.params import DATASET_FILES
+from mnist_pipeline.download import DownloadFailed, content_sha256
+from mnist_pipeline.errors import PipelineError, run_stage
+from mnist_pipeline.idx import read_idx
+from mnist_pipeline.params import DATASET_FILES
 
-USAGE = "usage: python -m stages.describe_dataset DIRECTORY (four gzipped MNIST-format IDX files)"
+USAGE = "usage: mnist-describe-dataset DIRECTORY (four gzipped MNIST-format IDX files)"
 
 
 def role_of(path: Path, array: np.ndarray) -> str | None:
@@ -74,14 +74,19 @@ def describe(directory: Path) -> tuple[dict, str]:
     return section, summary
 
 
-def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+def print_section(argv: list[str]) -> None:
+    if len(argv) != 1 or argv[0].startswith("-"):
         raise PipelineError(USAGE)
-    directory = Path(sys.argv[1])
+    directory = Path(argv[0])
     section, summary = describe(directory)
     print(f"# {directory}: {summary}")
     print(yaml.safe_dump({"dataset": section}, sort_keys=False, width=120, default_flow_style=None), end="")
 
 
+def main() -> None:
+    """The mnist-describe-dataset command: a bad directory or file is one line, as in every stage."""
+    run_stage(lambda: print_section(sys.argv[1:]))
+
+
 if __name__ == "__main__":
-    run_stage(main)
+    main()

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.errors import PipelineError, gist
-from stages.params import MODEL_KEYS_BY_ARCH, ModelParams
+from mnist_pipeline.errors import PipelineError, gist
+from mnist_pipeline.params import MODEL_KEYS_BY_ARCH, ModelParams
 
 MODEL_FILE = Path("models/model.pt")  # written by train, read by evaluate and export
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -279,7 +279,7 @@ def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the train stage first (dvc repro train)") from None
     except (PermissionError, IsADirectoryError):
-        raise  # the file system's doing, not a damaged file: stages.errors.run_stage says so
+        raise  # the file system's doing, not a damaged file: mnist_pipeline.errors.run_stage says so
     except pickle.UnpicklingError:
         raise PipelineError(
             f"{path} is not a model checkpoint: it holds something other than tensors and plain data, "

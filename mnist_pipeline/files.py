@@ -8,14 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from stages.errors import PipelineError, disk_fault
+from mnist_pipeline.errors import PipelineError, disk_fault
 
 SPACE_MARGIN = 1 << 20  # bytes on top of a free-space estimate: file-system blocks, archive headers
 
 
 @contextlib.contextmanager
 def naming_output(target: Path) -> Iterator[None]:
-    """A disk fault (stages.errors.DISK_FAULTS) while writing `target` names `target`: a failed write names no file,
+    """A disk fault (mnist_pipeline.errors.DISK_FAULTS) while writing `target` names `target`: a failed write names no file,
     and a temp file's random name means nothing to a user."""
     try:
         yield

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import PipelineError
+from mnist_pipeline.errors import PipelineError
 
 UINT8 = 0x08  # the only element type MNIST-format files use
 

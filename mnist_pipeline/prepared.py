@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import PipelineError
-from stages.files import atomic_path, dump_json, require_free_space
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import atomic_path, dump_json, require_free_space
 
 PREPARED_DIR = Path("data/prepared")
 
@@ -41,7 +41,7 @@ def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the preprocess stage first (dvc repro preprocess)") from None
     except (PermissionError, IsADirectoryError):
-        raise  # the file system's doing, not a corrupt file: stages.errors.run_stage says so
+        raise  # the file system's doing, not a corrupt file: mnist_pipeline.errors.run_stage says so
     except (OSError, ValueError, KeyError) as error:
         raise PipelineError(f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)") from None
 

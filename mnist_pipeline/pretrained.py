@@ -1,0 +1,12 @@
+"""Where the pretrained stage puts, and the train stage finds, the ImageNet weights that model.pretrained asks for."""
+
+from pathlib import Path
+
+from mnist_pipeline.params import Params
+
+PRETRAINED_DIR = Path("data/pretrained")
+
+
+def weights_file(params: Params) -> Path | None:
+    """The weights file the params ask for; None when model.pretrained is none."""
+    return PRETRAINED_DIR / params.weights.file if params.model.pretrained == "imagenet" else None
