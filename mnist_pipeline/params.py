@@ -179,6 +179,7 @@ class TrainParams:
     device: str = rule(choice("auto", "cpu", "cuda"))
     mixed_precision: str = rule(choice("auto", "always", "never"))  # not on/off: YAML reads those as booleans
     threads: int = rule(integer(0, 1024))
+    processes: int | str = rule(Rule("an integer from 1 to 1024, or auto", lambda v: v == "auto" or (_is_int(v) and 1 <= v <= 1024)))
     compile: bool = rule(boolean())
     seed: int = rule(integer(0))
     epochs: int = rule(integer(1, 1000))

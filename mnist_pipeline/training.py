@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
+from mnist_pipeline.distributed import Worker, sync_batch_norm
 from mnist_pipeline.download import file_sha256
 from mnist_pipeline.errors import gist
 from mnist_pipeline.files import atomic_path, require_free_space
@@ -126,7 +127,7 @@ class Run:
     schedule: torch.optim.lr_scheduler.LRScheduler
     autocast: torch.autocast
     scaler: torch.amp.GradScaler
-    generator: torch.Generator  # batch order and augmentation
+    generator: torch.Generator  # batch order (the first worker's) and augmentation
     train_inputs: torch.Tensor  # uint8 pixels, or the frozen backbone's features once compute_frozen_features ran
     train_labels: torch.Tensor
     val_inputs: torch.Tensor
@@ -134,11 +135,12 @@ class Run:
     steps_per_epoch: int
     weights: Path | None  # the pretrained weights file the model started from
     cache_features: bool  # whether the frozen backbone's features are computed once instead of every step
+    worker: Worker
     layout: torch.memory_format = torch.channels_last  # of the inputs the steps feed
 
     @property
     def device(self) -> torch.device:
-        return self.train_labels.device
+        return self.worker.device
 
     def train_mode(self) -> None:
         self.model.train()
@@ -146,8 +148,13 @@ class Run:
             self.backbone.eval()  # frozen means its batch-norm statistics too
 
     def epoch_order(self) -> torch.Tensor:
-        """The order in which an epoch takes the training images: a permutation drawn from the run's generator."""
-        return torch.randperm(len(self.train_labels), generator=self.generator, device=self.device)
+        """The order in which an epoch takes the training images: a permutation drawn from the first worker's
+        generator, the same on every worker."""
+        if self.worker.writes:
+            order = torch.randperm(len(self.train_labels), generator=self.generator, device=self.device)
+        else:
+            order = torch.empty(len(self.train_labels), dtype=torch.long, device=self.device)
+        return self.worker.from_first(order)
 
     def resumable(self) -> dict:
         """What a resumed run loads back, by name: each has state_dict and load_state_dict."""
@@ -156,44 +163,63 @@ class Run:
     def summary(self) -> str:
         parameters = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return (f"training on {self.device} ({torch.get_num_threads()} CPU threads): {len(self.train_labels)} images, "
-                f"{parameters} parameters" + (f", {trainable} of them trained" if self.backbone else ""))
+        threads = torch.get_num_threads()
+        threads = f"{threads} CPU thread{'s' * (threads != 1)}"
+        threads = f"{self.worker.world_size} processes of {threads} each" if self.worker.distributed else threads
+        return (f"training on {self.device} ({threads}): {len(self.train_labels)} images, {parameters} parameters"
+                + (f", {trainable} of them trained" if self.backbone else ""))
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, batch_images: int, worker: Worker) -> torch.Tensor:
+    """The mean cross-entropy of a batch. A worker has only its share of the global batch: its loss is weighted so
+    that DDP's average of the workers' gradients is the gradient of the global batch's mean, however it split."""
+    if not worker.distributed:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    summed = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
+    return summed * (worker.world_size / batch_images)
 
 
 class EpochTotals:
     """An epoch's summed loss and correct predictions, kept as tensors on the device and read once at its end:
     a .item() per step would add a host round-trip to every step on CUDA."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.loss = torch.zeros((), device=worker.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=worker.device, dtype=torch.long)
         self.images = 0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """A step's mean loss and its logits for these labels."""
-        self.loss += loss.detach().double() * len(labels)
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, batch_images: int) -> None:
+        """A step's batch_loss, and the logits for this worker's labels, of a global batch of batch_images."""
+        self.loss += loss.detach().double() * batch_images / self.worker.world_size
         self.correct += (logits.argmax(1) == labels).sum()
         self.images += len(labels)
 
     def means(self) -> tuple[float, float]:
-        """(mean loss, accuracy) of the epoch, once its queued steps are done."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # so that the epoch's seconds include the queued steps
-        return self.loss.item() / self.images, self.correct.item() / self.images
+        """(mean loss, accuracy) of the epoch over every worker's images, once its queued steps are done."""
+        if self.worker.device.type == "cuda":
+            torch.cuda.synchronize(self.worker.device)  # so that the epoch's seconds include the queued steps
+        if not self.worker.distributed:
+            return self.loss.item() / self.images, self.correct.item() / self.images
+        loss, correct, images = self.worker.sum(torch.stack([self.loss, self.correct.double(), self.loss.new_tensor(self.images)])).tolist()
+        return loss / images, correct / images
 
 
-def prepare(params: Params, device: torch.device, cache_features: bool = True) -> Run:
-    """A new run on the device: both splits, the model (its weights drawn from torch's global generator, which the
-    caller seeds; pretrained ones from data/pretrained/ if model.pretrained asks), optimiser, schedule and mixed
-    precision. A frozen backbone's features are to be computed once when nothing augments its input, unless
-    cache_features is false (to measure what that saves)."""
-    generator = torch.Generator(device).manual_seed(params.train.seed)
+def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
+    """A new run on the worker's device: both splits, the model (its weights drawn from torch's global generator,
+    which the caller seeds; pretrained ones from data/pretrained/ if model.pretrained asks), optimiser, schedule
+    and mixed precision. A frozen backbone's features are to be computed once when nothing augments its input,
+    unless cache_features is false (to measure what that saves)."""
+    device = worker.device
+    generator = torch.Generator(device).manual_seed(worker.seed(params.train.seed))
     meta = load_meta()
     train_pixels, train_labels = as_tensors("train", device)
     val_pixels, val_labels = as_tensors("val", device)
     weights = weights_file(params)
     model, architecture = build_for_training(params.model, meta, weights, device)
+    model = sync_batch_norm(model, worker)
+    if worker.rank:  # the same initial weights on every worker, then dropout masks of its own
+        torch.manual_seed(worker.seed(params.train.seed))
     backbone = frozen_backbone(model, architecture)
     cached = backbone is not None and not augments(params.train) and cache_features
     trained = output_layer(model, architecture) if cached else model
@@ -201,48 +227,57 @@ def prepare(params: Params, device: torch.device, cache_features: bool = True) -
     steps_per_epoch = -(-len(train_labels) // params.train.batch_size)
     schedule = make_schedule(params.train, optimizer, params.train.epochs * steps_per_epoch)
     autocast, scaler = autocast_for(device, params.train.mixed_precision)
-    step_model = torch.compile(trained) if params.train.compile else trained
+    step_model = worker.wrap(trained)
+    step_model = torch.compile(step_model) if params.train.compile else step_model
     return Run(model, architecture, trained, step_model, backbone, optimizer, schedule, autocast, scaler, generator,
-               train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached)
+               train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached, worker)
 
 
 def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float]:
     """One pass over the training set in a seeded random order; its mean loss and accuracy."""
     run.train_mode()
-    order, totals = run.epoch_order(), EpochTotals(run.device)
-    for step in tqdm(range(run.steps_per_epoch), desc=label, disable=None, leave=False):
+    order, totals = run.epoch_order(), EpochTotals(run.worker)
+    for step in tqdm(range(run.steps_per_epoch), desc=label, disable=None if run.worker.writes else True, leave=False):
         batch = order[step * params.batch_size : (step + 1) * params.batch_size]
-        inputs, labels = augment(run.train_inputs[batch], params, run.generator), run.train_labels[batch]
+        mine = run.worker.share(batch)  # all of it, for one process
+        inputs, labels = augment(run.train_inputs[mine], params, run.generator), run.train_labels[mine]
         with run.autocast:
             logits = run.step_model(inputs.contiguous(memory_format=run.layout))
-            loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
+            loss = batch_loss(logits, labels, params.label_smoothing, len(batch), run.worker)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.schedule.step()
-        totals.add(loss, logits, labels)
+        totals.add(loss, logits, labels, len(batch))
     return totals.means()
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the model in eval mode."""
+def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, worker: Worker) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the model in eval mode; several workers each evaluate a share."""
     model.eval()
-    logits = predict_logits(model, pixels, EVAL_BATCH)
-    labels = labels.cpu()
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    if not worker.distributed:
+        logits = predict_logits(model, pixels, EVAL_BATCH)
+        labels = labels.cpu()
+        return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    logits, labels = predict_logits(model, worker.share(pixels), EVAL_BATCH), worker.share(labels).cpu()
+    totals = torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), (logits.argmax(1) == labels).sum().double()])
+    loss, correct = worker.sum(totals.to(worker.device)).tolist()
+    return loss / len(pixels), correct / len(pixels)
 
 
 @torch.no_grad()
-def frozen_features(model: PixelClassifier, backbone: torch.nn.Module, pixels: torch.Tensor, autocast, split: str) -> torch.Tensor:
-    """The frozen backbone's output (float32) for every image of a split, in batches."""
+def frozen_features(run: Run, pixels: torch.Tensor, split: str) -> torch.Tensor:
+    """The frozen backbone's output (float32) for every image of a split, in batches; each worker computes its
+    share, and all of them get every share."""
     features = []
-    for start in tqdm(range(0, len(pixels), EVAL_BATCH), desc=f"{split} features", disable=None, leave=False):
-        with autocast:
-            batch = pixels[start : start + EVAL_BATCH].contiguous(memory_format=torch.channels_last)
-            features.append(backbone(model.prepare(batch)).float())
-    return torch.cat(features)
+    mine = run.worker.share(pixels)
+    for start in tqdm(range(0, len(mine), EVAL_BATCH), desc=f"{split} features", disable=None if run.worker.writes else True, leave=False):
+        with run.autocast:
+            batch = mine[start : start + EVAL_BATCH].contiguous(memory_format=torch.channels_last)
+            features.append(run.backbone(run.model.prepare(batch)).float())
+    return run.worker.gather(torch.cat(features), len(pixels))
 
 
 def compute_frozen_features(run: Run) -> None:
@@ -252,17 +287,18 @@ def compute_frozen_features(run: Run) -> None:
         return
     started = time.perf_counter()
     run.model.eval()
-    run.train_inputs = frozen_features(run.model, run.backbone, run.train_inputs, run.autocast, "train")
-    run.val_inputs = frozen_features(run.model, run.backbone, run.val_inputs, run.autocast, "val")
+    run.train_inputs = frozen_features(run, run.train_inputs, "train")
+    run.val_inputs = frozen_features(run, run.val_inputs, "val")
     run.layout = torch.contiguous_format
     print(f"frozen backbone: features of {len(run.train_inputs) + len(run.val_inputs)} images computed once, "
           f"in {time.perf_counter() - started:.1f}s")
 
 
 def run_fingerprint(params: Params, run: Run) -> str:
-    """What a resumed run must share with the run that saved its state: params, thread count, training data
-    and pretrained weights."""
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(params.model), dataclasses.asdict(params.train), torch.get_num_threads()]).encode())
+    """What a resumed run must share with the run that saved its state: params, processes and threads, training
+    data and pretrained weights."""
+    counts = [torch.get_num_threads(), run.worker.world_size]
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(params.model), dataclasses.asdict(params.train), *counts]).encode())
     digest.update(run.train_inputs.cpu().numpy().tobytes())
     if run.weights is not None:
         digest.update(file_sha256(run.weights).encode())
@@ -292,18 +328,19 @@ def load_resume_state(path: Path, fingerprint: str) -> dict | None:
         print(f"ignoring {path}: not a readable training state ({gist(error)}); starting from epoch 1")
         return None
     if state.get("fingerprint") != fingerprint:
-        print(f"ignoring {path}: it comes from other params, threads or data; starting from epoch 1")
+        print(f"ignoring {path}: it comes from other params, processes, threads or data; starting from epoch 1")
         return None
     return state
 
 
 class ResumeFile:
     """The state of a run after its last finished epoch, saved so that a killed run carries on from there with
-    the same results; a path of None saves and resumes nothing."""
+    the same results; a path of None saves and resumes nothing. Only the first worker reads and writes the file:
+    the others get its contents from it, and send it their random generators' states."""
 
     def __init__(self, path: Path | None, params: Params, run: Run):
         self.path, self.fingerprint, self.epochs = path, "", params.train.epochs
-        if path is not None:
+        if path is not None and run.worker.writes:
             # It holds the weights, the best epoch's weights and up to two optimiser moments per weight, and
             # model.pt the weights once more: checked before the first epoch rather than found out after it.
             weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in run.model.state_dict().values())
@@ -312,22 +349,27 @@ class ResumeFile:
 
     def load(self, run: Run) -> tuple[dict, list[dict]]:
         """The best epoch and the results of the epochs done, loaded into the run; none for a fresh run."""
-        saved = load_resume_state(self.path, self.fingerprint) if self.path else None
+        if self.path is None:
+            return {"val_accuracy": -1.0}, []
+        saved = run.worker.object_from_first(load_resume_state(self.path, self.fingerprint) if run.worker.writes else None)
         if not saved:
             return {"val_accuracy": -1.0}, []
         for name, part in run.resumable().items():
             part.load_state_dict(saved[name])
-        set_rng_states(saved["rng"], run.generator, run.device)
+        set_rng_states(saved["rng"][run.worker.rank], run.generator, run.device)
         print(f"resuming from {self.path}: epochs 1-{len(saved['history'])} of {self.epochs} already done")
         return saved["best"], saved["history"]
 
     def save(self, run: Run, best: dict, history: list[dict]) -> None:
         if self.path is None:
             return
+        rng = run.worker.gather_objects(rng_states(run.generator, run.device))  # one per worker, in rank order
+        if not run.worker.writes:
+            return
         # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
         with atomic_path(self.path) as temp, temp.open("wb") as out:
             parts = {name: part.state_dict() for name, part in run.resumable().items()}
-            state = {"fingerprint": self.fingerprint, "history": history, "best": best, "rng": rng_states(run.generator, run.device)}
+            state = {"fingerprint": self.fingerprint, "history": history, "best": best, "rng": rng}
             torch.save({**state, **parts}, out)
 
 

@@ -1,4 +1,7 @@
-"""Stage 4, train: fit the model on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt."""
+"""Stage 4, train: fit the model on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt.
+
+With train.processes above 1, or under torchrun, each of several processes trains on its share of every batch
+(mnist_pipeline/distributed.py); the first one writes the outputs."""
 
 import copy
 import functools
@@ -9,9 +12,10 @@ from typing import Callable
 import torch
 from dvclive import Live
 
+from mnist_pipeline.distributed import Worker, launch
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_directory, atomic_path
-from mnist_pipeline.model import MODEL_FILE, PixelClassifier, pick_device, save_checkpoint
+from mnist_pipeline.model import MODEL_FILE, PixelClassifier, save_checkpoint
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.prepared import load_meta
 from mnist_pipeline.training import (ResumeFile, compute_frozen_features, epoch_line, evaluate, keep_freed_memory, prepare,
@@ -21,12 +25,12 @@ LIVE_DIR = Path("metrics/train")
 RESUME_FILE = Path("models/train_state.pt")  # the state after the last finished epoch; deleted once model.pt is written
 
 
-def train(params: Params, device: torch.device, on_epoch: Callable[[dict, PixelClassifier], None],
+def train(params: Params, worker: Worker, on_epoch: Callable[[dict, PixelClassifier], None],
           resume_file: Path | None = None, cache_features: bool = True) -> tuple[PixelClassifier, dict, dict]:
     """Fit a new model; after each epoch, on_epoch gets its losses, accuracies and seconds, and the model. With
     resume_file, a run with the same fingerprint carries on from the state saved there after each epoch."""
     torch.manual_seed(params.train.seed)
-    run = prepare(params, device, cache_features)
+    run = prepare(params, worker, cache_features)
     print(run.summary())
     state = ResumeFile(resume_file, params, run)
     best, history = state.load(run)
@@ -38,7 +42,7 @@ def train(params: Params, device: torch.device, on_epoch: Callable[[dict, PixelC
         started = time.perf_counter()
         train_loss, train_accuracy = train_epoch(run, params.train, f"epoch {epoch}/{params.train.epochs}")
         seconds = time.perf_counter() - started
-        val_loss, val_accuracy = evaluate(run.trained, run.val_inputs, run.val_labels)
+        val_loss, val_accuracy = evaluate(run.trained, run.val_inputs, run.val_labels, worker)
         history.append({"epoch": epoch, "train/loss": train_loss, "train/accuracy": train_accuracy, "val/loss": val_loss,
                         "val/accuracy": val_accuracy, "seconds": seconds})
         if val_accuracy > best["val_accuracy"]:
@@ -46,7 +50,7 @@ def train(params: Params, device: torch.device, on_epoch: Callable[[dict, PixelC
         state.save(run, best, history)
         on_epoch(history[-1], run.model)
     run.model.network.load_state_dict(best["state_dict"])
-    return run.model, run.architecture, {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "device": device.type}
+    return run.model, run.architecture, {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "device": worker.device.type}
 
 
 def log_epoch(live: Live, epochs: int, result: dict, model: PixelClassifier) -> None:
@@ -56,21 +60,28 @@ def log_epoch(live: Live, epochs: int, result: dict, model: PixelClassifier) -> 
     print(epoch_line(result, epochs))
 
 
-def main() -> None:
-    params = load_params()
-    keep_freed_memory()  # process-wide tunings, made here where they show
-    use_threads(params.train.threads)
-    device = pick_device(params.train.device, "train.device")
+def train_and_write(params: Params, worker: Worker) -> None:
+    """What each training process does: train; the first (with train.processes: 1, the only) one writes the outputs."""
+    keep_freed_memory()  # process-wide tunings, made here where they show, in each process
+    use_threads(worker.threads)
+    if not worker.writes:
+        train(params, worker, lambda result, model: None, RESUME_FILE)
+        return
     # DVCLive writes file by file: into a temp directory that replaces the last run's logs only if training ends.
     with atomic_directory(LIVE_DIR) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        with stopped_hint(RESUME_FILE):
-            model, architecture, best = train(params, device, functools.partial(log_epoch, live, params.train.epochs), RESUME_FILE)
+        model, architecture, best = train(params, worker, functools.partial(log_epoch, live, params.train.epochs), RESUME_FILE)
         # The summary (a row of `dvc metrics show`) is the kept epoch; the last epoch's numbers end the curves.
         live.summary = {"best": {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}}
     with atomic_path(MODEL_FILE) as temp:
         save_checkpoint(temp, model.network.to("cpu", memory_format=torch.contiguous_format), architecture, load_meta(), extra=best)
     RESUME_FILE.unlink(missing_ok=True)
     print(f"kept epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}) in {MODEL_FILE}")
+
+
+def main() -> None:
+    params = load_params()
+    with stopped_hint(RESUME_FILE):
+        launch(train_and_write, params, outputs=(LIVE_DIR, MODEL_FILE, RESUME_FILE))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
 from mnist_pipeline.training import keep_freed_memory, use_threads  # noqa: E402
+from mnist_pipeline.distributed import Worker  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
 from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
 from mnist_pipeline.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
@@ -214,7 +215,7 @@ def timed_training(name: str, params, cache_features: bool = True) -> TrainingRu
         off_clock += time.perf_counter() - epoch_ended
 
     started = time.perf_counter()
-    model, architecture, _ = train.train(params, device, on_epoch, cache_features=cache_features)
+    model, architecture, _ = train.train(params, Worker(device), on_epoch, cache_features=cache_features)
     seconds = time.perf_counter() - started - off_clock
     images_seen = load_meta()["counts"]["train"] * params.train.epochs
     flops = flops_per_training_image(build_model(architecture, 0.0, 1.0), architecture["image_size"])

@@ -360,6 +360,22 @@ def test_checkout_of_an_earlier_commit_then_repro_restores_its_model_without_tra
         reset_to_head(repo)
 
 
+def test_an_experiment_with_two_training_processes_trains_then_evaluates_and_exports_its_model(project):
+    """train.processes: 2 under `dvc exp run`: the stage starts its workers itself; the checkpoint is as one process's."""
+    repo, _ = project
+    reset_to_head(repo)
+    try:
+        output = run(["dvc", "exp", "run", "-S", "train.processes=2", "-S", "train.epochs=2"], repo)
+        assert ran_stages(output) == ["train", "evaluate", "export"]
+        assert "training on cpu (2 processes of 1 CPU thread each)" in output and output.count("kept epoch") == 1
+        assert json.loads((repo / "metrics/eval.json").read_text())["accuracy"] > 0.5
+        assert json.loads((repo / "metrics/export.json").read_text())["max_abs_diff"] <= 1e-4, "ONNX verified against PyTorch"
+        assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.int8.onnx", "model.onnx", "model.pt"]
+        assert not list(repo.rglob(".*.tmp"))
+    finally:
+        reset_to_head(repo)
+
+
 @pytest.fixture(scope="module")
 def pushed_clone(project):
     """`dvc push` from the repo to the default remote, then a fresh `git clone` beside it and `dvc pull` there."""

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, run_stage_cli, stage_com
 from mnist_pipeline import augment, training
 from mnist_pipeline import model as model_module
 from stages import preprocess, train
+from mnist_pipeline.distributed import Worker
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.params import load_params
@@ -227,7 +228,7 @@ def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_ste
             return original(tensor, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, method, counted)
-    train.train(params, torch.device("cpu"), lambda result, model: None)
+    train.train(params, Worker(torch.device("cpu")), lambda result, model: None)
     steps_per_epoch = -(-340 // 16)
     assert steps_per_epoch > 20
     assert 0 < len(reads) <= 6 * params.train.epochs, "a handful of reads per epoch (its totals and validation)"

@@ -25,6 +25,7 @@ from conftest import (
 from mnist_pipeline import describe_dataset, training
 from stages import download, evaluate, export, preprocess, pretrained, train
 from mnist_pipeline.download import content_sha256, file_sha256
+from mnist_pipeline.distributed import Worker
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.idx import write_idx
 from mnist_pipeline.model import ARCHITECTURES, architecture_for, build_model, load_checkpoint
@@ -177,7 +178,7 @@ def test_frozen_features_are_computed_once_and_train_the_same_head(frozen_workdi
             return model
 
         monkeypatch.setattr(training, "build_model", counted_build)
-        model, _, _ = train.train(params, torch.device("cpu"), lambda result, model: None, cache_features=cache)
+        model, _, _ = train.train(params, Worker(torch.device("cpu")), lambda result, model: None, cache_features=cache)
         heads[cache] = model.network.fc.weight.detach().clone()
     assert counts[True].images == 120 + 40, "once per image of the training and validation splits"
     assert counts[False].images == params.train.epochs * (120 + 40)

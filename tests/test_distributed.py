@@ -1,0 +1,283 @@
+"""Data-parallel training on the CPU, gloo on 127.0.0.1: two processes against one, a job of two torchrun "nodes",
+what the workers share, a worker killed mid-run, and each fault of a launch in one line."""
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, run_stage_cli, stage_command, update_params, write_synthetic_mnist
+from mnist_pipeline import distributed
+from mnist_pipeline.distributed import CrossProcessBatchNorm, Worker, launch, planned_processes
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.params import load_params
+from stages import preprocess, train
+
+# Nothing random but the data's order, so that 2 processes must reach what 1 does; batch norm, so that its
+# statistics must be the global batch's.
+EQUIVALENT = {
+    **TINY_PARAMS,
+    "model": {**TINY_PARAMS["model"], "batch_norm": True, "dropout": 0.0},
+    "train": {**TINY_PARAMS["train"], "epochs": 6, "shift_pixels": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A working directory with EQUIVALENT params and data/prepared/, made by the preprocess stage."""
+    work = tmp_path_factory.mktemp("prepared")
+    (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    update_params(work / "params.yaml", EQUIVALENT)
+    write_synthetic_mnist(work / "data/raw", train=400, test=100)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        preprocess.main()
+    return work
+
+
+def copy_of(prepared: Path, target: Path, **train) -> Path:
+    shutil.copytree(prepared, target)
+    update_params(target / "params.yaml", {"train": train})
+    return target
+
+
+def trained(work: Path, *command: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(command) or stage_command("train"), cwd=work, env=env or STAGE_ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def weights(work: Path) -> dict[str, torch.Tensor]:
+    return torch.load(work / "models/model.pt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared, tmp_path_factory) -> Path:
+    work = copy_of(prepared, tmp_path_factory.mktemp("one") / "work", processes=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        train.main()
+    return work
+
+
+@pytest.fixture(scope="module")
+def two_processes(prepared, tmp_path_factory) -> tuple[Path, str]:
+    """The stage with train.processes: 2, and what it printed."""
+    work = copy_of(prepared, tmp_path_factory.mktemp("two") / "work", processes=2)
+    return work, trained(work).stdout
+
+
+def curve_of(work: Path, name: str) -> list[float]:
+    lines = (work / f"metrics/train/plots/metrics/{name}.tsv").read_text().splitlines()[1:]
+    return [float(line.split("\t")[1]) for line in lines]
+
+
+def assert_same_weights(work: Path, reference: Path) -> None:
+    ours, theirs = weights(work), weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-5, rtol=1e-4, msg=lambda text: f"{name}: {text}")
+
+
+def test_two_processes_reach_the_weights_of_one_process(two_processes, one_process):
+    work, printed = two_processes
+    assert "training on cpu (2 processes of 1 CPU thread each)" in printed
+    assert printed.count("kept epoch") == 1, "one writer"
+    assert_same_weights(work, one_process)
+    assert "running_var" in " ".join(weights(work)), "batch norm statistics, synchronised, are among them"
+    for curve in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
+        ours, theirs = (curve_of(w, curve) for w in (work, one_process))
+        assert len(ours) == EQUIVALENT["train"]["epochs"] and ours == pytest.approx(theirs, abs=1e-4), curve
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["model.pt"], "no training state or temp file left"
+
+
+def test_two_torchrun_nodes_on_localhost_train_as_one_job(prepared, one_process, tmp_path):
+    """What a 2-node job does, on one machine: each torchrun starts one worker, which joins the job and starts no more."""
+    work = copy_of(prepared, tmp_path / "nodes", processes=1, threads=1)  # under torchrun, its --nproc-per-node counts
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+                "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex, "-m", "stages.train"]
+    nodes = [subprocess.Popen(torchrun, cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
+    printed = "".join(out for out, _ in outputs)
+    assert printed.count("training on cpu (2 processes of 1 CPU thread each)") == 1 and printed.count("kept epoch") == 1
+    assert_same_weights(work, one_process)
+
+
+def share_and_reduce(params, worker: Worker) -> None:
+    """In each of 2 workers: every primitive the training loop uses, its results saved for the test to check."""
+    rows = torch.arange(21.0).view(7, 3)  # 7 rows: 4 for rank 0, 3 for rank 1
+    mine = worker.share(rows)
+    torch.manual_seed(0)
+    images, weights_of_outputs = torch.randn(6, 4, 5, 5) * 3 + 1, torch.randn(6, 4, 5, 5)
+    norm = CrossProcessBatchNorm.like(torch.nn.BatchNorm2d(4, momentum=0.3))
+    norm.weight.data.uniform_(0.5, 1.5)  # the same on both: seeded above
+    pixels = worker.share(images).requires_grad_()
+    normalised = norm(pixels)
+    (normalised * worker.share(weights_of_outputs)).sum().backward()
+    results = {
+        "mine": mine,
+        "gathered": worker.gather(mine * 10, len(rows)),
+        "sum": worker.sum(torch.tensor([worker.rank + 1.0])),
+        "first": worker.from_first(torch.tensor([worker.rank + 5.0])),
+        "object": worker.object_from_first({"rank": worker.rank}),
+        "objects": worker.gather_objects(worker.rank * 2),
+        "normalised": normalised.detach(), "pixel_grad": pixels.grad, "weight_grad": norm.weight.grad,
+        "running": (norm.running_mean, norm.running_var),
+    }
+    torch.save(results, f"worker{worker.rank}.pt")
+
+
+def test_the_workers_share_rows_sums_and_batch_norm_statistics(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = load_params(prepared / "params.yaml")
+    launch(share_and_reduce, dataclasses.replace(params, train=dataclasses.replace(params.train, processes=2)))
+    first, second = (torch.load(tmp_path / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
+    rows = torch.arange(21.0).view(7, 3)
+    assert torch.equal(first["mine"], rows[:4]) and torch.equal(second["mine"], rows[4:])
+    assert torch.equal(first["gathered"], rows * 10) and torch.equal(second["gathered"], rows * 10)
+    assert first["sum"].item() == second["sum"].item() == 3 and first["first"].item() == second["first"].item() == 5
+    assert first["object"] == second["object"] == {"rank": 0}
+    assert first["objects"] == [0, 2] and second["objects"] is None
+
+    torch.manual_seed(0)  # one batch norm over the whole batch, as one process computes it
+    images, weights_of_outputs = torch.randn(6, 4, 5, 5) * 3 + 1, torch.randn(6, 4, 5, 5)
+    norm = torch.nn.BatchNorm2d(4, momentum=0.3)
+    norm.weight.data.uniform_(0.5, 1.5)
+    pixels = images.requires_grad_()
+    normalised = norm(pixels)
+    (normalised * weights_of_outputs).sum().backward()
+    torch.testing.assert_close(torch.cat([first["normalised"], second["normalised"]]), normalised.detach())
+    torch.testing.assert_close(torch.cat([first["pixel_grad"], second["pixel_grad"]]), pixels.grad)
+    torch.testing.assert_close(first["weight_grad"] + second["weight_grad"], norm.weight.grad)  # DDP sums (averages) these
+    for running in (first["running"], second["running"]):
+        torch.testing.assert_close(running, (norm.running_mean, norm.running_var))
+
+
+def test_a_worker_killed_mid_run_is_one_line_and_a_rerun_resumes_to_the_same_bytes(prepared, two_processes, tmp_path):
+    uninterrupted, _ = two_processes
+    work = copy_of(prepared, tmp_path / "killed", processes=2)
+    state = work / "models/train_state.pt"
+    stage = subprocess.Popen(stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    children = Path(f"/proc/{stage.pid}/task/{stage.pid}/children").read_text().split()
+    workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2, "two workers, started by the launcher (its resource tracker aside)"
+    os.kill(workers[-1], signal.SIGKILL)
+    _, stderr = stage.communicate(timeout=120)
+    assert stage.returncode == 1 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: training process rank ") and stderr.endswith(" of 2 was killed by SIGKILL\n")
+    assert not (work / "models/model.pt").exists() and not list(work.rglob(".*.tmp")), "no output, not even a temp file"
+    epochs_done = len(torch.load(state, weights_only=True)["history"])
+    assert 1 <= epochs_done < EQUIVALENT["train"]["epochs"]
+
+    resumed = trained(work)
+    assert f"epochs 1-{epochs_done} of {EQUIVALENT['train']['epochs']} already done" in resumed.stdout
+    for path in ["models/model.pt", *[str(p.relative_to(uninterrupted)) for p in (uninterrupted / "metrics/train").rglob("*.*")]]:
+        assert (work / path).read_bytes() == (uninterrupted / path).read_bytes(), path
+    assert not state.exists()
+
+
+def test_a_worker_that_fails_ends_the_stage_in_one_line_naming_its_rank(prepared, one_process, tmp_path):
+    """Rank 0 writes the training state, and finds the disk full; the other worker is stopped, no output changes."""
+    work = copy_of(one_process, tmp_path / "full", processes=2)
+    before = {str(p): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+
+    result = run_stage_cli("train", work, preexec_fn=full_disk, env={**STAGE_ENV, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert_one_line_error(result, "rank 0 of 2: models/train_state.pt: file too large for the file system or for this process's file size limit")
+    assert {str(p): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
+
+
+def job_environment(port: int, **more: str) -> dict:
+    """A worker's environment as a job script that starts rank 0 of 2 by hand gives it."""
+    return {**STAGE_ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **more}
+
+
+def test_a_rendezvous_that_times_out_is_one_line(one_process):
+    port = free_port()
+    result = run_stage_cli("train", one_process, env=job_environment(port, MNIST_PIPELINE_RENDEZVOUS_TIMEOUT="2"))
+    assert_one_line_error(result, f"rank 0 of 2: could not join the other training processes: the rendezvous at 127.0.0.1:{port} "
+                                  "timed out after 2 s (MNIST_PIPELINE_RENDEZVOUS_TIMEOUT) waiting for 2 processes")
+
+
+@pytest.mark.parametrize("joining", [True, False], ids=["joining a job", "starting workers"])
+def test_a_port_in_use_is_one_line(prepared, tmp_path, joining):
+    work = copy_of(prepared, tmp_path / "work", processes=2)
+    with socket.socket() as busy:  # listening, and never answering
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        if joining:
+            result = run_stage_cli("train", work, env=job_environment(port))
+            start = "rank 0 of 2: could not join the other training processes"
+        else:  # MASTER_PORT picks the port of the launch's rendezvous
+            result = run_stage_cli("train", work, env={**STAGE_ENV, "MASTER_PORT": str(port)})
+            start = "could not start 2 training processes"
+    assert_one_line_error(result, f"{start}: port 127.0.0.1:{port} is in use by another program; choose a free port")
+    assert not (work / "models").exists()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True, None, 1025, "AUTO"])
+def test_bad_values_of_train_processes_are_refused_in_one_line(workdir, value):
+    update_params(workdir / "params.yaml", {"train": {"processes": value}})
+    with pytest.raises(PipelineError) as refused:
+        load_params()
+    assert str(refused.value) == (
+        f"params.yaml: train.processes = {value!r} is not allowed; expected an integer from 1 to 1024, or auto"
+    )
+
+
+def test_auto_is_one_process_per_gpu_and_one_on_a_cpu(workdir, monkeypatch):
+    update_params(workdir / "params.yaml", {"train": {"processes": "auto"}})
+    params = load_params().train
+    assert planned_processes(params, torch.device("cpu")) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert planned_processes(params, torch.device("cuda")) == 4
+
+
+def test_more_processes_than_gpus_is_an_error_and_than_cores_a_warning(workdir, monkeypatch, capsys):
+    update_params(workdir / "params.yaml", {"train": {"processes": 3}})
+    params = load_params().train
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(PipelineError, match=r"^train.processes = 3 is more than the 2 GPUs PyTorch sees on this machine; "
+                                            r"expected at most 2, or auto \(one process per GPU\)$"):
+        planned_processes(params, torch.device("cuda"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert planned_processes(params, torch.device("cpu")) == 3
+    assert capsys.readouterr().err == (
+        "warning: train.processes = 3 with 2 CPU cores: the processes take turns on the cores, and training is slower than with 2\n"
+    )
+
+
+def test_the_stage_launches_no_workers_when_it_already_is_one(monkeypatch):
+    """Under torchrun (RANK and WORLD_SIZE set), train.processes is not read again: the job has its processes."""
+    joined = []
+    monkeypatch.setattr(distributed, "join_job", lambda worker_main, params: joined.append(params))
+    monkeypatch.setattr(distributed, "elastic_launch", lambda *args: pytest.fail("a worker started workers"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    launch(lambda params, worker: None, "params")
+    assert joined == ["params"]
