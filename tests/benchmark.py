@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -30,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
 from mnist_pipeline.training import keep_freed_memory, use_threads  # noqa: E402
-from mnist_pipeline.distributed import Worker  # noqa: E402
+from mnist_pipeline.distributed import Worker, launch, start_workers  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
 from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
 from mnist_pipeline.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
@@ -371,11 +373,108 @@ def best_preset(params, device: str) -> TrainingRun:
             os.chdir(REPO_ROOT)
 
 
+class AllReduceTimer:
+    """A DDP communication hook that does what DDP's default one does (each gradient bucket averaged over the
+    workers by an all-reduce) and adds up the seconds from each bucket's start to the end of its all-reduce: the
+    wait for the other workers to reach that bucket included, and overlapped with the rest of the backward pass."""
+
+    def __init__(self):
+        self.take()
+
+    def hook(self, state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        started = time.perf_counter()
+        gradients = bucket.buffer().div_(dist.get_world_size())
+        self.calls, self.bytes = self.calls + 1, self.bytes + gradients.numel() * gradients.element_size()
+
+        def finished(future: torch.futures.Future) -> torch.Tensor:
+            self.seconds += time.perf_counter() - started
+            return future.value()[0]
+
+        return dist.all_reduce(gradients, async_op=True).get_future().then(finished)
+
+    def take(self) -> dict:
+        """The totals since the last take."""
+        totals = {key: getattr(self, key, 0) for key in ["seconds", "calls", "bytes"]}
+        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        return totals
+
+
+def timed_worker(params, worker: Worker) -> dict:
+    """One worker process of a data-parallel run: it trains as the stage does, DDP's all-reduce timed; its epochs."""
+    keep_freed_memory()
+    use_threads(worker.threads)
+    timer = AllReduceTimer()
+    if worker.distributed:  # in this worker process only: the DDP module that the training code builds gets the timer
+        wrap = Worker.wrap
+        Worker.wrap = lambda self, module: with_comm_hook(wrap(self, module), timer)
+    epochs = []
+    with contextlib.redirect_stdout(io.StringIO()):  # the table is the output
+        train.train(params, worker, lambda result, model: epochs.append({"seconds": result["seconds"], "reduce": timer.take()}))
+    return {"threads": torch.get_num_threads(), "epochs": epochs}
+
+
+def with_comm_hook(module: nn.Module, hook: AllReduceTimer) -> nn.Module:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module.register_comm_hook(None, hook.hook)
+    return module
+
+
+def cpu_name() -> str:
+    """The CPU's model name and what it has of AVX-512 and AMX, from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "a CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    features = [flag for flag in ["avx2", "avx512f", "avx512_bf16", "amx_tile"] if flag in flags]
+    return f"{name}, {len(os.sched_getaffinity(0))} cores ({' '.join(features) or 'no AVX2'})"
+
+
+DATA_PARALLEL_EPOCHS, DATA_PARALLEL_ROUNDS = 2, 2
+
+
+def data_parallel(params, device: torch.device) -> dict[str, str]:
+    """params.yaml's recipe for DATA_PARALLEL_EPOCHS epochs as one plain process, as one DDP worker, and as several
+    (2 on a CPU, one per GPU), with params.yaml's train.threads in all: seconds of the best epoch, images/s, and
+    the all-reduce of the gradients that DDP adds. The runs take turns, DATA_PARALLEL_ROUNDS times, so that a busy
+    moment of a shared machine hits them alike. Returns the summary's key=value pairs."""
+    recipe = with_overrides(params, {"train": {"epochs": DATA_PARALLEL_EPOCHS, "device": device.type}})
+    several = torch.cuda.device_count() if device.type == "cuda" else 2
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    runs = {"1 process, no DDP": ("plain", 1, lambda: launch(timed_worker, with_overrides(recipe, {"train": {"processes": 1}}))),
+            f"1 process, DDP ({backend})": ("ddp_1", 1, lambda: start_workers(timed_worker, recipe, 1))}
+    if several > 1:
+        runs[f"{several} processes, DDP ({backend})"] = (f"ddp_{several}", several, lambda: start_workers(timed_worker, recipe, several))
+    print(f"data parallel on {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}: "
+          f"{DATA_PARALLEL_ROUNDS} runs of {DATA_PARALLEL_EPOCHS} epochs of params.yaml's recipe each, the best epoch's figures")
+    print(f"{'run':<26} {'threads':>7} {'s/epoch':>8} {'images/s':>9} {'all-reduce':>10} {'of epoch':>8} {'calls':>6} "
+          f"{'MB':>6} {'whole run':>9}")
+    results = {name: [] for name in runs}
+    for _ in range(DATA_PARALLEL_ROUNDS):
+        for name, (_, _, run) in runs.items():
+            started = time.perf_counter()
+            results[name].append({**run(), "whole": time.perf_counter() - started})
+    images, summary = load_meta()["counts"]["train"], {}
+    for name, (key, processes, _) in runs.items():
+        epoch = min((epoch for result in results[name] for epoch in result["epochs"]), key=lambda epoch: epoch["seconds"])
+        whole, threads = min(result["whole"] for result in results[name]), results[name][0]["threads"]
+        reduce, summary[f"{key}_images_per_s"] = epoch["reduce"], f"{images / epoch['seconds']:.0f}"
+        reduced = (f"{reduce['seconds']:>9.2f}s {reduce['seconds'] / epoch['seconds']:>8.0%} {reduce['calls']:>6} "
+                   f"{reduce['bytes'] / 1e6:>6.1f}") if reduce["calls"] else f"{'-':>10} {'-':>8} {'-':>6} {'-':>6}"
+        if reduce["calls"]:
+            summary[f"{key}_allreduce_share"] = f"{reduce['seconds'] / epoch['seconds']:.2f}"
+        print(f"{name:<26} {f'{processes}x{threads}':>7} {epoch['seconds']:>8.2f} {images / epoch['seconds']:>9,.0f} {reduced} {whole:>8.1f}s", flush=True)
+    print("threads: processes x CPU threads each; all-reduce: from each gradient bucket's start to the end of its "
+          "all-reduce, summed\n(the wait for the other workers included; it overlaps the backward pass); whole run: "
+          "the shortest, the workers' start included.\n")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--best", action="store_true", help="also train the `best` preset (about 10 minutes on 2 cores)")
     parser.add_argument("--transfer", action="store_true",
                         help="only the ResNet-18 recipes (from scratch, frozen with and without cached features, fine-tuned) and the CNN")
+    parser.add_argument("--processes", action="store_true",
+                        help="only data-parallel training: 1 process against 2 (on a CPU) or one per GPU, the all-reduce timed")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the project's training runs; the reference loop and inference stay on the CPU")
     args = parser.parse_args()
@@ -388,6 +487,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} CPUs{gpu}\n")
     if args.transfer:
         transfer_learning(params, args.device)
+        return
+    if args.processes:
+        summary = data_parallel(params, device)
+        print(" ".join(f"{key}={value}" for key, value in summary.items()))
         return
 
     gemm = gemm_gflops(device)
