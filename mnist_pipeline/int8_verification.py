@@ -29,28 +29,31 @@ def weight_bound_problem(model: onnx.ModelProto) -> str | None:
     stored = {tensor.name: tensor for tensor in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
 
-    def quantized(name: str) -> np.ndarray | None:
-        """The stored integers that a DequantizeLinear turns into this input, if that is where it comes from."""
+    def quantized(name: str) -> tuple[str, np.ndarray | None]:
+        """The stored integers that a DequantizeLinear turns into this input, and their name, if that is what it is."""
         node = producers.get(name)
         if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in stored:
-            return None
-        return numpy_helper.to_array(stored[node.input[0]]).astype(np.int64)
+            return name, None
+        return node.input[0], numpy_helper.to_array(stored[node.input[0]]).astype(np.int64)
 
     for node in model.graph.node:
-        weights = quantized(node.input[1]) if node.op_type in ("Conv", "Gemm", "MatMul") else None
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        name, weights = quantized(node.input[1])
         if weights is None:
             continue
         largest = int(np.abs(weights).max())
         if largest > WEIGHT_LIMIT:
-            return (f"{node.op_type} {node.name} has integer weights up to {largest} in magnitude, beyond "
+            return (f"the {node.op_type} weights {name} hold integers up to {largest} in magnitude, beyond "
                     f"{WEIGHT_LIMIT}: CPUs without VNNI would saturate their sums")
         transposed = any(attribute.name == "transB" and attribute.i for attribute in node.attribute)
         axis = OUTPUT_AXIS.get(node.op_type, 0 if transposed else 1) % weights.ndim
         sums = np.abs(weights).sum(axis=tuple(a for a in range(weights.ndim) if a != axis))
-        bias = quantized(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias = quantized(node.input[2])[1] if len(node.input) > 2 and node.input[2] else None
         bound = int((ACTIVATION_LIMIT * sums + (0 if bias is None else np.abs(bias))).max())
         if bound > ACCUMULATOR_LIMIT:
-            return f"{node.op_type} {node.name} can sum to {bound}, beyond its 32-bit accumulators' {ACCUMULATOR_LIMIT}"
+            return (f"the {node.op_type} with weights {name} can sum to {bound}, beyond its 32-bit accumulators' "
+                    f"{ACCUMULATOR_LIMIT}")
     return None
 
 
