@@ -122,8 +122,10 @@ def test_metrics_have_every_key_in_range(project):
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert set(exported) == {
         "onnx_accuracy", "max_abs_diff", "probabilities_max_abs_diff", "size_bytes", "test_images",
-        "int8_accuracy", "int8_agreement", "int8_size_bytes", "calibration_images",
+        "int8_accuracy", "int8_agreement", "int8_reference_images", "int8_reference_agreement", "int8_size_bytes",
+        "calibration_images",
     } and exported["max_abs_diff"] <= 1e-4
+    assert exported["int8_reference_images"] == 200 and exported["int8_reference_agreement"] == 1.0
     assert exported["onnx_accuracy"] == metrics["accuracy"]
     assert exported["size_bytes"] == (repo / "models/model.onnx").stat().st_size
     assert 0 <= exported["int8_accuracy"] <= 1 and 0 <= exported["int8_agreement"] <= 1
