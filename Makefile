@@ -28,7 +28,7 @@ test: $(VENV)/.installed-test
 bench: repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/benchmark.py $(BENCH_ARGS)
 
-# The int8 model against onnx's reference evaluator on every test image, on this CPU (3 to 4 minutes on 2 cores;
+# The int8 model against onnx's reference evaluator on every test image, on this CPU (under 2 minutes on 2 cores;
 # the export stage checks a sample). CHECK_INT8_ARGS="--images N" checks the first N only.
 check-int8: repro
 	$(BIN)/python -m mnist_pipeline.check_int8 $(CHECK_INT8_ARGS)

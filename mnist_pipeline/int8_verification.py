@@ -15,7 +15,7 @@ from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS
 from mnist_pipeline.params import ExportParams
 
 REFERENCE_OPSET = 19  # the first opset whose DequantizeLinear onnx's reference evaluator implements
-REFERENCE_IMAGES = 500  # test images the export stage checks, about 10 s on 2 cores; `make check-int8` checks all
+REFERENCE_IMAGES = 500  # test images the export stage checks, about 4 s on 2 cores; `make check-int8` checks all
 REFERENCE_BATCH = 100
 # onnx_export.INT8_SETTINGS says why: 7-bit weights keep a pair of uint8 * int8 products within 16 bits on CPUs
 # without VNNI, and each output channel's sum must fit the kernels' 32-bit accumulators.
