@@ -200,6 +200,17 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     return name, "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, several times slower"
 
 
+def print_machine(params, device: torch.device, threads: int) -> str:
+    """The header every figure below depends on: versions, threads, the CPU and its flags, and the precision that
+    train.mixed_precision 'auto' trains in here, which it returns."""
+    gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    precision, why = auto_precision(device)
+    print(f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} CPUs{gpu}")
+    print(f"CPU: {this_cpu().describe()}")
+    print(f"training precision (train.mixed_precision: auto): {precision}, as {why}\n")
+    return precision
+
+
 def with_overrides(params, overrides: dict):
     """params.yaml's model and train sections with some keys replaced."""
     return (
@@ -393,11 +404,7 @@ def main() -> None:
     params = load_params()
     device = pick_device(args.device, "--device")
     threads = train.use_threads(params.train.threads)  # train.train sets the same count again for its runs
-    gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
-    precision, why = auto_precision(device)
-    print(f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} CPUs{gpu}")
-    print(f"CPU: {this_cpu().describe()}")
-    print(f"training precision (train.mixed_precision: auto): {precision}, as {why}\n")
+    precision = print_machine(params, device, threads)
     if args.transfer:
         transfer_learning(params, args.device)
         return
