@@ -36,9 +36,9 @@ def test_every_param_is_documented_with_its_default():
             assert name in documented, f"{name} is missing from the params table of {PARAMETERS_PAGE.name}"
             if not isinstance(value, (dict, list)) or all(isinstance(v, (int, float)) for v in value):
                 shown = yaml.safe_load(documented[name].strip("`"))
-                assert shown == value, f"{PARAMETERS_PAGE.name} says {name} defaults to {shown!r}; params.yaml has {value!r}"
+                assert shown == value, f"{PARAMETERS_PAGE.name}: {name} defaults to {shown!r}; params.yaml has {value!r}"
     params = {f"{section}.{key}" for section, values in PARAMS.items() for key in values}
-    assert set(documented) <= params, f"{PARAMETERS_PAGE.name} documents params that do not exist: {set(documented) - params}"
+    assert set(documented) <= params, f"{PARAMETERS_PAGE.name} documents unknown params: {set(documented) - params}"
 
 
 def recipe(pattern: str) -> dict:
@@ -96,9 +96,13 @@ def test_commands_and_modules_named_in_the_docs_exist():
     wrong = []
     for page in pages():
         text = page.read_text()
-        wrong += [f"{page.name}: python -m stages.{name}" for name in re.findall(r"python -m stages\.(\w+)", text) if name not in stages]
-        wrong += [f"{page.name}: {command}" for command in re.findall(r"(?<![\w/#-])mnist-[a-z][a-z-]*[a-z]\b", text)
-                  if command not in scripts | other_names and not command.startswith("mnist-pipeline")]
-        wrong += [f"{page.name}: {module}" for module in re.findall(r"\b(?:mnist_pipeline|stages|tests)/[\w/]+\.py\b", text)
-                  if not (REPO_ROOT / module).exists()]
+        stage_commands = re.findall(r"python -m stages\.(\w+)", text)
+        commands = re.findall(r"(?<![\w/#-])mnist-[a-z][a-z-]*[a-z]\b", text)
+        modules = re.findall(r"\b(?:mnist_pipeline|stages|tests)/[\w/]+\.py\b", text)
+        wrong += [f"{page.name}: python -m stages.{name}" for name in stage_commands if name not in stages]
+        wrong += [
+            f"{page.name}: {command}" for command in commands
+            if command not in scripts | other_names and not command.startswith("mnist-pipeline")
+        ]
+        wrong += [f"{page.name}: {module}" for module in modules if not (REPO_ROOT / module).exists()]
     assert not wrong, "the docs name what does not exist:\n" + "\n".join(wrong)
