@@ -51,7 +51,7 @@ FAST = {
         "mixed_precision": "always",
     },
 }
-# The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
+# The `best` preset, as docs/performance.md's `dvc exp run -S` recipe gives it (tests/test_docs.py checks that the two agree).
 BEST = {
     "model": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256},
     "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},

@@ -32,7 +32,7 @@ def test_training_runs_are_measured_with_time_to_99_and_flops(trained_workdir):
 
 def test_the_classic_cnn_costs_7_08_mflop_per_training_image():
     flops = benchmark.flops_per_training_image(benchmark.TutorialCNN())
-    assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure the README quotes
+    assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure docs/performance.md quotes
 
 
 def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(trained_workdir, capsys):
