@@ -2,7 +2,6 @@
 
 import copy
 import ctypes
-import dataclasses
 import hashlib
 import json
 import math
@@ -152,7 +151,7 @@ def run_fingerprint(
 ) -> str:
     """What a resumed run must share with the run that saved its state: params, thread count, training data
     and pretrained weights."""
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(model_params), dataclasses.asdict(params), threads]).encode())
+    digest = hashlib.sha256(json.dumps([model_params.model_dump(), params.model_dump(), threads]).encode())
     digest.update(train_pixels.cpu().numpy().tobytes())
     if weights is not None:
         digest.update(file_sha256(weights).encode())

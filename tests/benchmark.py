@@ -191,8 +191,8 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
 def with_overrides(params, overrides: dict):
     """params.yaml's model and train sections with some keys replaced."""
     return (
-        dataclasses.replace(params.model, **overrides.get("model", {})),
-        dataclasses.replace(params.train, **overrides.get("train", {})),
+        params.model.model_copy(update=overrides.get("model", {})),
+        params.train.model_copy(update=overrides.get("train", {})),
     )
 
 
@@ -364,7 +364,7 @@ def best_preset(params, device: str) -> TrainingRun:
         os.chdir(folder)
         try:
             model_params, train_params = with_overrides(params, BEST)
-            return timed_training("best preset", model_params, dataclasses.replace(train_params, device=device))
+            return timed_training("best preset", model_params, train_params.model_copy(update={"device": device}))
         finally:
             os.chdir(REPO_ROOT)
 
@@ -391,16 +391,16 @@ def main() -> None:
     for name, rate in gemm.items():
         report(f"fp32 GEMM on {device.type}, {name}", f"{rate:.0f} GFLOP/s")
     fast_model, fast_train = with_overrides(params, FAST)
-    fast_train = dataclasses.replace(fast_train, device=args.device)
+    fast_train = fast_train.model_copy(update={"device": args.device})
     runs = [] if device.type == "cuda" else [reference_loop()]
     runs += [
         timed_training("fast recipe: 1 epoch, bf16", fast_model, fast_train),
         # Efficiency is judged in fp32, the precision of the matmul it is compared with.
-        timed_training("fast recipe in fp32", fast_model, dataclasses.replace(fast_train, mixed_precision="never")),
-        timed_training("params.yaml defaults", params.model, dataclasses.replace(params.train, device=args.device)),
+        timed_training("fast recipe in fp32", fast_model, fast_train.model_copy(update={"mixed_precision": "never"})),
+        timed_training("params.yaml defaults", params.model, params.train.model_copy(update={"device": args.device})),
     ]
     if device.type == "cuda":
-        runs.append(timed_training("fast recipe, torch.compile", fast_model, dataclasses.replace(fast_train, compile=True)))
+        runs.append(timed_training("fast recipe, torch.compile", fast_model, fast_train.model_copy(update={"compile": True})))
     if args.best:
         runs.append(best_preset(params, args.device))
     print()
