@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import synthetic_digits, update_params, write_checkpoint
 from stages import evaluate
+from mnist_pipeline import evaluation
 from mnist_pipeline.model import MODEL_FILE, load_checkpoint, predict_logits
 from mnist_pipeline.prepared import save_split
 
@@ -31,9 +32,9 @@ def test_surest_mistakes_come_first_and_ties_keep_test_set_order():
     actual = np.array([0, 1, 2, 3, 4, 5])
     predicted = np.array([0, 2, 2, 0, 1, 0])
     confidence = np.array([0.99, 0.6, 0.99, 0.9, 0.6, 0.7])
-    assert evaluate.surest_mistakes(actual, confidence, predicted, 10).tolist() == [3, 5, 1, 4]
-    assert evaluate.surest_mistakes(actual, confidence, predicted, 2).tolist() == [3, 5]
-    assert evaluate.surest_mistakes(actual, confidence, predicted, 0).tolist() == []
+    assert evaluation.surest_mistakes(actual, confidence, predicted, 10).tolist() == [3, 5, 1, 4]
+    assert evaluation.surest_mistakes(actual, confidence, predicted, 2).tolist() == [3, 5]
+    assert evaluation.surest_mistakes(actual, confidence, predicted, 0).tolist() == []
 
 
 def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evaluated, monkeypatch):
@@ -47,14 +48,14 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
     gallery = sorted((workdir / evaluate.GALLERY_DIR).iterdir())
     assert [p.name for p in gallery] == [f"{rank}.png" for rank in range(1, len(expected) + 1)] and len(expected) == 5
     first = Image.open(gallery[0])
-    assert first.width >= 28 * evaluate.GALLERY_SCALE and first.height > 28 * evaluate.GALLERY_SCALE, "digit plus caption"
-    digit = np.asarray(first)[: 28 * evaluate.GALLERY_SCALE]
-    left = (first.width - 28 * evaluate.GALLERY_SCALE) // 2
+    assert first.width >= 28 * evaluation.GALLERY_SCALE and first.height > 28 * evaluation.GALLERY_SCALE, "digit plus caption"
+    digit = np.asarray(first)[: 28 * evaluation.GALLERY_SCALE]
+    left = (first.width - 28 * evaluation.GALLERY_SCALE) // 2
     np.testing.assert_array_equal(digit[::4, left : left + 112 : 4], images[expected[0]])  # pixel for pixel, 4x
-    assert (np.asarray(first)[28 * evaluate.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
+    assert (np.asarray(first)[28 * evaluation.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
 
     captions = []
-    monkeypatch.setattr(evaluate, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1)))
+    monkeypatch.setattr(evaluation, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1)))
     evaluate.main()
     assert captions == [
         [f"true: {CLASS_NAMES[labels[i]]}", f"predicted: {CLASS_NAMES[predicted[i]]}", f"confidence: {float(confidence[i]):.1%}"]
