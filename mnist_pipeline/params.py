@@ -278,18 +278,20 @@ def _did_you_mean(section: str, key: str) -> str:
 
 
 def _first_unknown(mapping: dict, known) -> tuple[str, Any]:
-    """The unknown key to report: the first by name. str: YAML keys can be numbers or booleans."""
-    return min((str(key), key) for key in mapping if key not in known)
+    """The unknown key to report, the first by name, as text and as it is. YAML keys can be numbers or booleans."""
+    unknown = {str(key): key for key in mapping if key not in known}
+    word = min(unknown)
+    return word, unknown[word]
 
 
-UNKNOWN = ("extra_forbidden", "invalid_key")  # pydantic's error types for a key the model lacks (invalid: not a str)
+UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # pydantic's error types for a key no field has (invalid: not a str)
 
 
 def _rank(error: dict) -> tuple:
     """The order in which problems are reported, one at a time: unknown sections, missing sections, then section by
     section its shape, unknown keys, and its keys in order; the rules across keys last, once every key is valid."""
     loc, kind = error["loc"], error["type"]
-    if (len(loc) == 1 and kind in UNKNOWN) or loc[0] not in SECTIONS:
+    if (len(loc) == 1 and kind in UNKNOWN_KEY) or loc[0] not in SECTIONS:
         return (0,)
     if len(loc) == 1 and kind == "missing":
         return (1, list(SECTIONS).index(loc[0]))
@@ -299,7 +301,7 @@ def _rank(error: dict) -> tuple:
     if len(loc) == 1:
         return (2, section, 0)
     keys = list(SECTIONS[loc[0]].model_fields)
-    return (2, section, 1) if kind in UNKNOWN else (2, section, 2, keys.index(loc[1]))
+    return (2, section, 1) if kind in UNKNOWN_KEY else (2, section, 2, keys.index(loc[1]))
 
 
 def describe_problem(error: dict, raw: dict) -> str:
@@ -319,7 +321,7 @@ def describe_problem(error: dict, raw: dict) -> str:
             return str(error["ctx"]["error"])
         return f"section '{section}' must be a mapping of keys to values, got {raw[section]!r}"
     keys = SECTIONS[section].model_fields
-    if len(loc) == 2 and kind in UNKNOWN:
+    if len(loc) == 2 and kind in UNKNOWN_KEY:
         word, key = _first_unknown(raw[section], keys)
         return (
             f"unknown key {section}.{word} = {raw[section][key]!r}{_did_you_mean(section, word)}; "

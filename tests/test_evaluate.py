@@ -81,3 +81,17 @@ def test_a_new_run_replaces_the_whole_gallery(evaluated):
     evaluate.main()
     assert list((workdir / evaluate.GALLERY_DIR).iterdir()) == []
     assert [p.name for p in (workdir / "metrics").iterdir() if p.name.startswith(".")] == [], "no temp directory left"
+
+
+def test_csv_files_keep_the_csv_modules_bytes(tmp_path):
+    """pandas writes the plot data as the csv module did (CRLF, quoting), with Python's correctly rounded scores:
+    numpy's rounding (DataFrame.round) would give 1/160 as 0.0062, and change the committed per_class.csv."""
+    actual = np.array([0] * 160 + [1] * 10)
+    predicted = np.array([0] + [1] * 159 + [1] * 10)
+    table = evaluation.per_class_scores(actual, predicted, ['say "hi"', "b "])
+    evaluation.write_csv(tmp_path / "per_class.csv", table)
+    assert (tmp_path / "per_class.csv").read_bytes() == (
+        b'class,precision,recall,f1,support\r\n"say ""hi""",1.0,0.0063,0.0124,160\r\nb ,0.0592,1.0,0.1117,10\r\n'
+    )
+    evaluation.write_csv(tmp_path / "predictions.csv", evaluation.predictions_table(actual[158:161], predicted[158:161], ["0", "1"]))
+    assert (tmp_path / "predictions.csv").read_bytes() == b"actual,predicted\r\n0,1\r\n0,1\r\n1,1\r\n"
