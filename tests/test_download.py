@@ -96,9 +96,10 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
 
 def _params_with(hashes, mirror_urls=("http://127.0.0.1:9/",)):
     """params.yaml with the download section pointed at test mirrors and synthetic hashes."""
-    params = load_params()
-    download = {"mirrors": list(mirror_urls), "timeout": 1, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}
-    return Params.model_validate({**params.model_dump(), "download": download, "dataset": {**params.dataset.model_dump(), **dataset_files(hashes)}})
+    params = load_params().model_dump()
+    params["download"] = {"mirrors": list(mirror_urls), "timeout": 1, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}
+    params["dataset"].update(dataset_files(hashes))
+    return Params.model_validate(params)  # validated, like every params the stages get
 
 
 def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):
