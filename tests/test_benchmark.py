@@ -21,7 +21,7 @@ def trained_workdir(workdir):
 
 def test_training_runs_are_measured_with_time_to_99_and_flops(trained_workdir):
     params = load_params()
-    run = benchmark.timed_training("tiny", params.model, params.train)
+    run = benchmark.timed_training("tiny", params)
     assert run.images == 340 * params.train.epochs and 0 < run.step_seconds <= run.seconds
     assert run.time_to_99 is None or run.time_to_99 <= run.seconds
     network = CNN(**{"image_size": 28, "num_classes": 10, **{key: getattr(params.model, key) for key in MODEL_KEYS_BY_ARCH["cnn"]}})
