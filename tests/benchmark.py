@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
 from mnist_pipeline.cpu import this_cpu  # noqa: E402
+from mnist_pipeline.training import autocast_dtype, keep_freed_memory, use_threads  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
 from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
 from mnist_pipeline.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
@@ -191,7 +192,7 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
 
 def auto_precision(device: torch.device) -> tuple[str, str]:
     """The precision train.mixed_precision 'auto' trains in on this device (bf16, fp16 or fp32), and why."""
-    dtype = train.autocast_dtype(device, "auto", this_cpu())
+    dtype = autocast_dtype(device, "auto", this_cpu())
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
     if device.type == "cuda":
         return name, f"CUDA {'has' if dtype == torch.bfloat16 else 'lacks'} bf16"
@@ -212,18 +213,20 @@ def print_machine(params, device: torch.device, threads: int) -> str:
 
 
 def with_overrides(params, overrides: dict):
-    """params.yaml's model and train sections with some keys replaced."""
-    return (
-        dataclasses.replace(params.model, **overrides.get("model", {})),
-        dataclasses.replace(params.train, **overrides.get("train", {})),
+    """params.yaml's params with some keys of the model and train sections replaced."""
+    return params.model_copy(
+        update={
+            "model": params.model.model_copy(update=overrides.get("model", {})),
+            "train": params.train.model_copy(update=overrides.get("train", {})),
+        }
     )
 
 
-def timed_training(name: str, model_params, train_params, weights: Path | None = None, cache_features: bool = True) -> TrainingRun:
-    """Train as the train stage does, on the device train_params names, testing after every epoch off the clock."""
+def timed_training(name: str, params, cache_features: bool = True) -> TrainingRun:
+    """Train as the train stage does, on the device params.train names, testing after every epoch off the clock."""
     images, labels = load_split("test")
     test_pixels, test_labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
-    device = pick_device(train_params.device, "train.device")
+    device = pick_device(params.train.device, "train.device")
     off_clock, time_to_99, step_seconds = 0.0, None, 0.0
 
     def on_epoch(result: dict, model: nn.Module) -> None:
@@ -235,9 +238,9 @@ def timed_training(name: str, model_params, train_params, weights: Path | None =
         off_clock += time.perf_counter() - epoch_ended
 
     started = time.perf_counter()
-    model, architecture, _ = train.train(model_params, train_params, device, on_epoch, weights=weights, cache_features=cache_features)
+    model, architecture, _ = train.train(params, device, on_epoch, cache_features=cache_features)
     seconds = time.perf_counter() - started - off_clock
-    images_seen = load_meta()["counts"]["train"] * train_params.epochs
+    images_seen = load_meta()["counts"]["train"] * params.train.epochs
     flops = flops_per_training_image(build_model(architecture, 0.0, 1.0), architecture["image_size"])
     return TrainingRun(name, seconds, step_seconds, images_seen, accuracy_on(model, test_pixels, test_labels),
                        time_to_99, flops)
@@ -259,14 +262,14 @@ def transfer_learning(params, device: str) -> None:
     """The ResNet-18 recipes next to params.yaml's CNN: seconds (the whole run) and test accuracy of each, and
     what computing a frozen backbone's features once saves."""
     weights = PRETRAINED_DIR / params.weights.file
-    cnn_params, cnn_train = with_overrides(params, {"model": {"arch": "cnn"}, "train": {**TRANSFER_TRAIN, "device": device}})
-    runs = [timed_training("CNN (params.yaml's)", cnn_params, cnn_train)]
+    cnn_params = with_overrides(params, {"model": {"arch": "cnn"}, "train": {**TRANSFER_TRAIN, "device": device}})
+    runs = [timed_training("CNN (params.yaml's)", cnn_params)]
     for name, (model_overrides, cache) in TRANSFER.items():
         if model_overrides["pretrained"] != "none" and not weights.exists():
             report(name, f"skipped: no {weights} (dvc repro pretrained, with model.pretrained: imagenet)")
             continue
-        model_params, train_params = with_overrides(params, {"model": model_overrides, "train": {**TRANSFER_TRAIN, "device": device}})
-        runs.append(timed_training(name, model_params, train_params, weights, cache_features=cache))
+        transfer_params = with_overrides(params, {"model": model_overrides, "train": {**TRANSFER_TRAIN, "device": device}})
+        runs.append(timed_training(name, transfer_params, cache_features=cache))
     print(f"\n{'transfer learning':<36} {'epochs':>6} {'seconds':>8} {'s/epoch':>8} {'test acc':>9}")
     for run in runs:
         epochs = run.images // load_meta()["counts"]["train"]
@@ -386,8 +389,7 @@ def best_preset(params, device: str) -> TrainingRun:
         run_preprocess(folder)
         os.chdir(folder)
         try:
-            model_params, train_params = with_overrides(params, BEST)
-            return timed_training("best preset", model_params, dataclasses.replace(train_params, device=device))
+            return timed_training("best preset", with_overrides(params, {**BEST, "train": {**BEST["train"], "device": device}}))
         finally:
             os.chdir(REPO_ROOT)
 
@@ -403,7 +405,8 @@ def main() -> None:
     os.chdir(REPO_ROOT)  # the stages read params.yaml and data/ relative to the repository root
     params = load_params()
     device = pick_device(args.device, "--device")
-    threads = train.use_threads(params.train.threads)  # train.train sets the same count again for its runs
+    keep_freed_memory()  # the process-wide tunings of the train stage's main, for its runs here
+    threads = use_threads(params.train.threads)
     precision = print_machine(params, device, threads)
     if args.transfer:
         transfer_learning(params, args.device)
@@ -412,16 +415,15 @@ def main() -> None:
     gemm = gemm_gflops(device)
     for name, rate in gemm.items():
         report(f"fp32 GEMM on {device.type}, {name}", f"{rate:.0f} GFLOP/s")
-    fast_model, fast_train = with_overrides(params, FAST)
-    fast_train = dataclasses.replace(fast_train, device=args.device)
+    fast_params = with_overrides(params, {**FAST, "train": {**FAST["train"], "device": args.device}})
     runs = [] if device.type == "cuda" else [reference_loop()]
     fast_name = f"fast recipe: 1 epoch, {precision}"
-    runs.append(timed_training(fast_name, fast_model, fast_train))
+    runs.append(timed_training(fast_name, fast_params))
     if precision != "fp32":  # efficiency is judged in fp32, the precision of the matmul it is compared with
-        runs.append(timed_training("fast recipe in fp32", fast_model, dataclasses.replace(fast_train, mixed_precision="never")))
-    runs.append(timed_training("params.yaml defaults", params.model, dataclasses.replace(params.train, device=args.device)))
+        runs.append(timed_training("fast recipe in fp32", with_overrides(fast_params, {"train": {"mixed_precision": "never"}})))
+    runs.append(timed_training("params.yaml defaults", with_overrides(params, {"train": {"device": args.device}})))
     if device.type == "cuda":
-        runs.append(timed_training("fast recipe, torch.compile", fast_model, dataclasses.replace(fast_train, compile=True)))
+        runs.append(timed_training("fast recipe, torch.compile", with_overrides(fast_params, {"train": {"compile": True}})))
     if args.best:
         runs.append(best_preset(params, args.device))
     print()

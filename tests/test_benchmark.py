@@ -23,7 +23,7 @@ def trained_workdir(workdir):
 
 def test_training_runs_are_measured_with_time_to_99_and_flops(trained_workdir):
     params = load_params()
-    run = benchmark.timed_training("tiny", params.model, params.train)
+    run = benchmark.timed_training("tiny", params)
     assert run.images == 340 * params.train.epochs and 0 < run.step_seconds <= run.seconds
     assert run.time_to_99 is None or run.time_to_99 <= run.seconds
     network = CNN(**{"image_size": 28, "num_classes": 10, **{key: getattr(params.model, key) for key in MODEL_KEYS_BY_ARCH["cnn"]}})
@@ -34,7 +34,7 @@ def test_training_runs_are_measured_with_time_to_99_and_flops(trained_workdir):
 
 def test_the_classic_cnn_costs_7_08_mflop_per_training_image():
     flops = benchmark.flops_per_training_image(benchmark.TutorialCNN())
-    assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure the README quotes
+    assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure docs/performance.md quotes
 
 
 def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(trained_workdir, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from mnist_pipeline import cpu
 from mnist_pipeline.cpu import Cpu, parse_cpuinfo
-from stages.train import autocast_dtype
+from mnist_pipeline.training import autocast_dtype
 
 EPYC_MILAN = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -28,7 +28,8 @@ STAGES = ["download", "pretrained", "preprocess", "train", "evaluate", "export"]
 TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", "stages", "mnist_pipeline"]
 
 
-def run(args: list[str], cwd: Path) -> str:
+def command_env() -> dict[str, str]:
+    """The environment of every command here: this venv's dvc and python first, a git identity, no analytics."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -37,7 +38,11 @@ def run(args: list[str], cwd: Path) -> str:
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
     }
     env.pop("MNIST_PIPELINE_MIRRORS", None)  # the params' mirrors, served on 127.0.0.1, are what is tested
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    return env
+
+
+def run(args: list[str], cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, env=command_env(), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
@@ -412,7 +417,7 @@ def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ra
             assert time.monotonic() < deadline, status
             time.sleep(1)
     finally:
-        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=clone, capture_output=True)
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=clone, env=command_env(), capture_output=True)
     assert status.count("Success") == 2, status
     table = run(["dvc", "exp", "show", "--csv", "--sort-by", "accuracy", "--sort-order", "desc",
                  "--drop", ".*", "--keep", "^Experiment$|^accuracy$|^train.lr$"], clone)

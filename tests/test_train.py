@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, run_stage_cli, stage_command, update_params, write_synthetic_mnist
+from mnist_pipeline import augment, training
 from mnist_pipeline import model as model_module
 from stages import preprocess, train
 from mnist_pipeline.errors import run_stage
@@ -20,7 +21,7 @@ from mnist_pipeline.params import load_params
 def test_random_shift_moves_each_image_by_at_most_the_limit():
     pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     pixels[:, 0, 14, 14] = 255
-    shifted = train.random_shift(pixels, 2, torch.Generator().manual_seed(0))
+    shifted = augment.random_shift(pixels, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == pixels.shape and shifted.dtype == torch.uint8
     rows, cols = (shifted[:, 0] == 255).nonzero()[:, 1], (shifted[:, 0] == 255).nonzero()[:, 2]
     assert len(rows) == 64, "each image keeps its one bright pixel"
@@ -31,7 +32,7 @@ def test_random_shift_moves_each_image_by_at_most_the_limit():
 def test_random_shift_fills_with_black_and_never_flips():
     pixels = torch.arange(28 * 28, dtype=torch.int64).reshape(1, 1, 28, 28).remainder(250).add(1).to(torch.uint8)
     for seed in range(20):
-        shifted = train.random_shift(pixels, 3, torch.Generator().manual_seed(seed))[0, 0]
+        shifted = augment.random_shift(pixels, 3, torch.Generator().manual_seed(seed))[0, 0]
         inside = shifted[3:-3, 3:-3]  # always inside the source image, whatever the offset
         found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
                  if torch.equal(inside, pixels[0, 0, 3 + dy : 25 + dy, 3 + dx : 25 + dx])]
@@ -58,14 +59,14 @@ def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
 
 def test_zero_rotation_and_zoom_is_the_identity():
     pixels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    rotated = train.random_affine(pixels, 0, 0, torch.Generator().manual_seed(0))
+    rotated = augment.random_affine(pixels, 0, 0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(rotated, pixels.float(), atol=1e-3, rtol=0)
 
 
 def test_rotation_stays_within_the_limit_and_varies_between_images():
     pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     pixels[:, 0, 14, 4:24] = 255  # a horizontal bar through the centre, 20 pixels long
-    rotated = train.random_affine(pixels, 10, 0, torch.Generator().manual_seed(0))
+    rotated = augment.random_affine(pixels, 10, 0, torch.Generator().manual_seed(0))
     assert rotated.dtype == torch.float32 and rotated.min() >= 0 and rotated.max() <= 255
     rows = [(image[0] > 100).nonzero()[:, 0] for image in rotated]
     # 10 pixels from the centre, a 10° turn moves the bar's end by 10·sin(10°) ≈ 1.7 rows
@@ -77,7 +78,7 @@ def test_rotation_stays_within_the_limit_and_varies_between_images():
 def test_zoom_scales_about_the_centre_within_the_limit():
     pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     pixels[:, 0, 4:24, 4:24] = 255  # a 20-pixel square
-    zoomed = train.random_affine(pixels, 0, 0.2, torch.Generator().manual_seed(0))
+    zoomed = augment.random_affine(pixels, 0, 0.2, torch.Generator().manual_seed(0))
     sides = [(image[0, 14] > 127).sum().item() for image in zoomed]
     assert min(sides) >= 20 * 0.8 - 1 and max(sides) <= 20 * 1.2 + 1
     assert min(sides) < 19 and max(sides) > 21, "both zooming in and zooming out happen"
@@ -221,12 +222,12 @@ def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_ste
 
         def counted(tensor, *args, original=original, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if caller in (train.__file__, model_module.__file__):
+            if caller in (train.__file__, training.__file__, model_module.__file__):
                 reads.append(caller)
             return original(tensor, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, method, counted)
-    train.train(params.model, params.train, torch.device("cpu"), lambda result, model: None)
+    train.train(params, torch.device("cpu"), lambda result, model: None)
     steps_per_epoch = -(-340 // 16)
     assert steps_per_epoch > 20
     assert 0 < len(reads) <= 6 * params.train.epochs, "a handful of reads per epoch (its totals and validation)"

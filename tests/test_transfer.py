@@ -22,7 +22,7 @@ from conftest import (
     update_params,
     write_synthetic_mnist,
 )
-from mnist_pipeline import describe_dataset
+from mnist_pipeline import describe_dataset, training
 from stages import download, evaluate, export, preprocess, pretrained, train
 from mnist_pipeline.download import content_sha256, file_sha256
 from mnist_pipeline.errors import PipelineError
@@ -168,7 +168,7 @@ class CountingCalls:
 
 def test_frozen_features_are_computed_once_and_train_the_same_head(frozen_workdir, monkeypatch):
     params = load_params()
-    heads, counts, build = {}, {}, train.build_model
+    heads, counts, build = {}, {}, training.build_model
     for cache in [True, False]:
 
         def counted_build(*args, cache=cache, **kwargs):
@@ -176,8 +176,8 @@ def test_frozen_features_are_computed_once_and_train_the_same_head(frozen_workdi
             counts[cache] = CountingCalls(model.network.layer1)
             return model
 
-        monkeypatch.setattr(train, "build_model", counted_build)
-        model, _, _ = train.train(params.model, params.train, torch.device("cpu"), lambda result, model: None, cache_features=cache)
+        monkeypatch.setattr(training, "build_model", counted_build)
+        model, _, _ = train.train(params, torch.device("cpu"), lambda result, model: None, cache_features=cache)
         heads[cache] = model.network.fc.weight.detach().clone()
     assert counts[True].images == 120 + 40, "once per image of the training and validation splits"
     assert counts[False].images == params.train.epochs * (120 + 40)

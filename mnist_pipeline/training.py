@@ -1,0 +1,362 @@
+"""The set-up of a training run, as named steps that stages/train.py calls before and around its loop: data on the
+device, the model and its pretrained weights, optimiser and schedule, mixed precision, frozen-backbone features, and
+the state a killed run resumes from. Process-wide tuning is here too, for a stage's main to call where it shows."""
+
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mnist_pipeline.augment import augment, augments
+from mnist_pipeline.cpu import Cpu, this_cpu
+from mnist_pipeline.download import file_sha256
+from mnist_pipeline.errors import gist
+from mnist_pipeline.files import atomic_path, require_free_space
+from mnist_pipeline.model import (
+    PixelClassifier,
+    architecture_for,
+    build_model,
+    frozen_backbone,
+    load_pretrained,
+    output_layer,
+    predict_logits,
+)
+from mnist_pipeline.params import ModelParams, Params, TrainParams
+from mnist_pipeline.prepared import load_meta, load_split
+from mnist_pipeline.pretrained import weights_file
+
+EVAL_BATCH = 1000
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from returning each freed activation buffer to the OS, only to fault it back in next step.
+
+    Its default mmap threshold makes every large tensor a fresh mmap; on a small CPU that page-fault churn
+    doubled the time of the first epoch. It changes the whole process's allocator: call it from a main.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def use_threads(threads: int) -> int:
+    """Set PyTorch's CPU thread count for the whole process (0: every core it may run on) and return it."""
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
+def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as uint8 pixels (N, 1, H, W) and int64 labels, resident on the training device."""
+    images, labels = load_split(split)
+    return torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).long().to(device)
+
+
+def build_for_training(model_params: ModelParams, meta: dict, weights: Path | None, device: torch.device) -> tuple[PixelClassifier, dict]:
+    """A new model for the prepared data's image size and classes, on the device in channels-last layout, its
+    initial weights drawn from torch's global generator, then the pretrained ones from `weights` if given."""
+    architecture = architecture_for(model_params, meta["image_size"][0], len(meta["class_names"]))
+    model = build_model(architecture, meta["mean"], meta["std"])
+    if weights is not None:
+        load_pretrained(model, architecture, weights)
+    return model.to(device, memory_format=torch.channels_last), architecture
+
+
+def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser of the parameters that train: a frozen backbone's are not among them."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=params.lr, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay
+        )
+    optimizer = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(
+        trainable,
+        lr=params.lr,
+        betas=tuple(params.betas),
+        weight_decay=params.weight_decay,
+        fused=device.type == "cuda",  # one kernel for every parameter's update instead of several per tensor
+    )
+
+
+def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int):
+    """A learning-rate schedule stepped once per batch."""
+    if params.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=params.warmup_fraction, cycle_momentum=False
+        )
+    if params.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+
+
+def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torch.dtype | None:
+    """The autocast precision train.mixed_precision asks for on this device, or None for fp32.
+
+    'auto' means where the hardware computes it natively: on CUDA (bf16, or fp16 without bf16), and on a CPU
+    with bf16 instructions (AVX512-BF16 or AMX). Elsewhere PyTorch emulates bf16 in fp32 on the CPU, several times
+    slower than fp32 itself (96.6 s against 10.2 s for an epoch on an AVX2-only EPYC): 'always' does it anyway, warning.
+    """
+    if device.type == "cuda":
+        wanted = mixed_precision in ("auto", "always")
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if wanted else None
+    if mixed_precision == "always" and not cpu.native_bf16:
+        print(f"warning: train.mixed_precision = always on a CPU without native bf16 ({cpu.describe()}): bf16 is "
+              f"emulated there, several times slower than fp32; 'auto' trains in fp32 on this CPU", file=sys.stderr)
+    wanted = mixed_precision == "always" or (mixed_precision == "auto" and cpu.native_bf16)
+    return torch.bfloat16 if wanted else None
+
+
+def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """Mixed precision as autocast_dtype picks it; fp16 comes with loss scaling. Weights, optimiser state and the
+    saved model stay fp32 either way."""
+    dtype = autocast_dtype(device, mixed_precision, this_cpu())
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training loop works with, as prepare() sets it up."""
+
+    model: PixelClassifier  # the whole classifier, on the training device
+    architecture: dict
+    trained: torch.nn.Module  # what the steps update: the model, or only its output layer on cached features
+    step_model: torch.nn.Module  # `trained` as the steps call it: torch.compile'd with train.compile
+    backbone: torch.nn.Module | None  # a frozen backbone, which stays in eval mode
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # batch order and augmentation
+    train_inputs: torch.Tensor  # uint8 pixels, or the frozen backbone's features once compute_frozen_features ran
+    train_labels: torch.Tensor
+    val_inputs: torch.Tensor
+    val_labels: torch.Tensor
+    steps_per_epoch: int
+    weights: Path | None  # the pretrained weights file the model started from
+    cache_features: bool  # whether the frozen backbone's features are computed once instead of every step
+    layout: torch.memory_format = torch.channels_last  # of the inputs the steps feed
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_labels.device
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.backbone is not None:
+            self.backbone.eval()  # frozen means its batch-norm statistics too
+
+    def epoch_order(self) -> torch.Tensor:
+        """The order in which an epoch takes the training images: a permutation drawn from the run's generator."""
+        return torch.randperm(len(self.train_labels), generator=self.generator, device=self.device)
+
+    def resumable(self) -> dict:
+        """What a resumed run loads back, by name: each has state_dict and load_state_dict."""
+        return {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "scaler": self.scaler}
+
+    def summary(self) -> str:
+        parameters = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return (f"training on {self.device} ({torch.get_num_threads()} CPU threads): {len(self.train_labels)} images, "
+                f"{parameters} parameters" + (f", {trainable} of them trained" if self.backbone else ""))
+
+
+class EpochTotals:
+    """An epoch's summed loss and correct predictions, kept as tensors on the device and read once at its end:
+    a .item() per step would add a host round-trip to every step on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """A step's mean loss and its logits for these labels."""
+        self.loss += loss.detach().double() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.images += len(labels)
+
+    def means(self) -> tuple[float, float]:
+        """(mean loss, accuracy) of the epoch, once its queued steps are done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that the epoch's seconds include the queued steps
+        return self.loss.item() / self.images, self.correct.item() / self.images
+
+
+def prepare(params: Params, device: torch.device, cache_features: bool = True) -> Run:
+    """A new run on the device: both splits, the model (its weights drawn from torch's global generator, which the
+    caller seeds; pretrained ones from data/pretrained/ if model.pretrained asks), optimiser, schedule and mixed
+    precision. A frozen backbone's features are to be computed once when nothing augments its input, unless
+    cache_features is false (to measure what that saves)."""
+    generator = torch.Generator(device).manual_seed(params.train.seed)
+    meta = load_meta()
+    train_pixels, train_labels = as_tensors("train", device)
+    val_pixels, val_labels = as_tensors("val", device)
+    weights = weights_file(params)
+    model, architecture = build_for_training(params.model, meta, weights, device)
+    backbone = frozen_backbone(model, architecture)
+    cached = backbone is not None and not augments(params.train) and cache_features
+    trained = output_layer(model, architecture) if cached else model
+    optimizer = make_optimizer(params.train, model, device)
+    steps_per_epoch = -(-len(train_labels) // params.train.batch_size)
+    schedule = make_schedule(params.train, optimizer, params.train.epochs * steps_per_epoch)
+    autocast, scaler = autocast_for(device, params.train.mixed_precision)
+    step_model = torch.compile(trained) if params.train.compile else trained
+    return Run(model, architecture, trained, step_model, backbone, optimizer, schedule, autocast, scaler, generator,
+               train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached)
+
+
+def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float]:
+    """One pass over the training set in a seeded random order; its mean loss and accuracy."""
+    run.train_mode()
+    order, totals = run.epoch_order(), EpochTotals(run.device)
+    for step in tqdm(range(run.steps_per_epoch), desc=label, disable=None, leave=False):
+        batch = order[step * params.batch_size : (step + 1) * params.batch_size]
+        inputs, labels = augment(run.train_inputs[batch], params, run.generator), run.train_labels[batch]
+        with run.autocast:
+            logits = run.step_model(inputs.contiguous(memory_format=run.layout))
+            loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.schedule.step()
+        totals.add(loss, logits, labels)
+    return totals.means()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the model in eval mode."""
+    model.eval()
+    logits = predict_logits(model, pixels, EVAL_BATCH)
+    labels = labels.cpu()
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def frozen_features(model: PixelClassifier, backbone: torch.nn.Module, pixels: torch.Tensor, autocast, split: str) -> torch.Tensor:
+    """The frozen backbone's output (float32) for every image of a split, in batches."""
+    features = []
+    for start in tqdm(range(0, len(pixels), EVAL_BATCH), desc=f"{split} features", disable=None, leave=False):
+        with autocast:
+            batch = pixels[start : start + EVAL_BATCH].contiguous(memory_format=torch.channels_last)
+            features.append(backbone(model.prepare(batch)).float())
+    return torch.cat(features)
+
+
+def compute_frozen_features(run: Run) -> None:
+    """Frozen and fed the same images every epoch, the backbone computes the same features every epoch: computed
+    once here, for both splits, each epoch then costs the head alone. Nothing to do for other runs."""
+    if not run.cache_features:
+        return
+    started = time.perf_counter()
+    run.model.eval()
+    run.train_inputs = frozen_features(run.model, run.backbone, run.train_inputs, run.autocast, "train")
+    run.val_inputs = frozen_features(run.model, run.backbone, run.val_inputs, run.autocast, "val")
+    run.layout = torch.contiguous_format
+    print(f"frozen backbone: features of {len(run.train_inputs) + len(run.val_inputs)} images computed once, "
+          f"in {time.perf_counter() - started:.1f}s")
+
+
+def run_fingerprint(params: Params, run: Run) -> str:
+    """What a resumed run must share with the run that saved its state: params, thread count, training data
+    and pretrained weights."""
+    digest = hashlib.sha256(json.dumps([params.model.model_dump(), params.train.model_dump(), torch.get_num_threads()]).encode())
+    digest.update(run.train_inputs.cpu().numpy().tobytes())
+    if run.weights is not None:
+        digest.update(file_sha256(run.weights).encode())
+    return digest.hexdigest()
+
+
+def rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random number generator training draws from: weights and dropout, batch order and augmentation."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "cuda": cuda}
+
+
+def set_rng_states(states: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["generator"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def load_resume_state(path: Path, fingerprint: str) -> dict | None:
+    """The saved state of an interrupted run with the same fingerprint; anything else is reported and ignored."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file costs a fresh start, not the run
+        print(f"ignoring {path}: not a readable training state ({gist(error)}); starting from epoch 1")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"ignoring {path}: it comes from other params, threads or data; starting from epoch 1")
+        return None
+    return state
+
+
+class ResumeFile:
+    """The state of a run after its last finished epoch, saved so that a killed run carries on from there with
+    the same results; a path of None saves and resumes nothing."""
+
+    def __init__(self, path: Path | None, params: Params, run: Run):
+        self.path, self.fingerprint, self.epochs = path, "", params.train.epochs
+        if path is not None:
+            # It holds the weights, the best epoch's weights and up to two optimiser moments per weight, and
+            # model.pt the weights once more: checked before the first epoch rather than found out after it.
+            weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in run.model.state_dict().values())
+            require_free_space(path.parent, 5 * weight_bytes, "train")
+            self.fingerprint = run_fingerprint(params, run)
+
+    def load(self, run: Run) -> tuple[dict, list[dict]]:
+        """The best epoch and the results of the epochs done, loaded into the run; none for a fresh run."""
+        saved = load_resume_state(self.path, self.fingerprint) if self.path else None
+        if not saved:
+            return {"val_accuracy": -1.0}, []
+        for name, part in run.resumable().items():
+            part.load_state_dict(saved[name])
+        set_rng_states(saved["rng"], run.generator, run.device)
+        print(f"resuming from {self.path}: epochs 1-{len(saved['history'])} of {self.epochs} already done")
+        return saved["best"], saved["history"]
+
+    def save(self, run: Run, best: dict, history: list[dict]) -> None:
+        if self.path is None:
+            return
+        # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
+        with atomic_path(self.path) as temp, temp.open("wb") as out:
+            parts = {name: part.state_dict() for name, part in run.resumable().items()}
+            state = {"fingerprint": self.fingerprint, "history": history, "best": best, "rng": rng_states(run.generator, run.device)}
+            torch.save({**state, **parts}, out)
+
+
+@contextlib.contextmanager
+def stopped_hint(resume_file: Path) -> Iterator[None]:
+    """Ctrl-C during training says whether a rerun resumes, and from where."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        hint = f"run it again with the same params to resume from {resume_file}" if resume_file.exists() else ""
+        raise KeyboardInterrupt(f"training stopped; {hint}" if hint else "training stopped before its first epoch ended") from None
+
+
+def epoch_line(result: dict, epochs: int) -> str:
+    return (f"epoch {result['epoch']}/{epochs}: "
+            f"train loss {result['train/loss']:.4f} acc {result['train/accuracy']:.4f} | "
+            f"val loss {result['val/loss']:.4f} acc {result['val/accuracy']:.4f} | {result['seconds']:.1f}s")
