@@ -106,7 +106,7 @@ def calibration_sample(images: np.ndarray, count: int, seed: int) -> np.ndarray:
 #   into 32-bit accumulators. (ARM's s8 * s8 kernel, SMULL then SMLAL, adds pairs into 16 bits too; it is not used
 #   with uint8 activations, and 7-bit weights keep its pairs within 2 * 128 * 64 = 16,384 all the same.)
 # - The 32-bit sums, |sum of a * w| + |bias| <= 255 * sum |w| + |bias| per output channel, stay below 2^31:
-#   int8_reference.weight_bound_problem checks it for every layer of the written file.
+#   int8_verification.weight_bound_problem checks it for every layer of the written file.
 # The cost is one bit of weight precision per output channel, which the export stage's accuracy check measures.
 INT8_SETTINGS = {
     "quant_format": QuantFormat.QDQ,
