@@ -100,7 +100,7 @@ def calibration_sample(images: np.ndarray, count: int, seed: int) -> np.ndarray:
 # integer kernel can overflow or saturate, whatever the CPU: the file then computes the same classes everywhere.
 # Activations are uint8, a in [0, 255], and each output sums the products a * w of K inputs. onnxruntime's kernels:
 # - x86 without VNNI (AVX2, and AVX-512 before VNNI): VPMADDUBSW adds each PAIR of u8 * s8 products into a signed
-#   16-bit lane that SATURATES at 32,767. With 8-bit weights a pair reaches 2 * 255 * 128 = 65,280 and is clipped
+#   16-bit lane that SATURATES at 32,767. With 8-bit weights a pair reaches 2 * 255 * 127 = 64,770 and is clipped
 #   silently: what made int8 predictions differ on AVX2-only CPUs. 7-bit: at most 2 * 255 * 64 = 32,640, exact.
 # - x86 with VNNI (AVX512-VNNI, AVX-VNNI) or AMX, and ARM's u8 kernels (UMLAL, UDOT, UMMLA): products go straight
 #   into 32-bit accumulators. (ARM's s8 * s8 kernel, SMULL then SMLAL, adds pairs into 16 bits too; it is not used
