@@ -106,18 +106,21 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
 def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torch.dtype | None:
     """The autocast precision train.mixed_precision asks for on this device, or None for fp32.
 
-    'auto' means where the hardware computes it natively: on CUDA (bf16, or fp16 without bf16), and on a CPU
-    with bf16 instructions (AVX512-BF16 or AMX). Elsewhere PyTorch emulates bf16 in fp32 on the CPU, several times
-    slower than fp32 itself (96.6 s against 10.2 s for an epoch on an AVX2-only EPYC): 'always' does it anyway, warning.
+    'auto' means on CUDA only (bf16, or fp16 without bf16). On a CPU it means fp32, whatever the CPU: the default
+    run then trains the same way on every x86 server, so its dvc.lock and run-cache hold on all of them. 'always'
+    asks for bf16 on the CPU too: faster where the CPU computes it natively (AVX512-BF16 or AMX), but elsewhere
+    PyTorch emulates it, several times slower than fp32 (96.6 s against 10.2 s for an epoch on an AVX2-only EPYC),
+    so it warns there.
     """
     if device.type == "cuda":
         wanted = mixed_precision in ("auto", "always")
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if wanted else None
-    if mixed_precision == "always" and not cpu.native_bf16:
+    if mixed_precision != "always":
+        return None
+    if not cpu.native_bf16:
         print(f"warning: train.mixed_precision = always on a CPU without native bf16 ({cpu.describe()}): bf16 is "
-              f"emulated there, several times slower than fp32; 'auto' trains in fp32 on this CPU", file=sys.stderr)
-    wanted = mixed_precision == "always" or (mixed_precision == "auto" and cpu.native_bf16)
-    return torch.bfloat16 if wanted else None
+              f"emulated there, several times slower than fp32; 'auto' or 'never' trains in fp32", file=sys.stderr)
+    return torch.bfloat16
 
 
 def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.autocast, torch.amp.GradScaler]:

@@ -51,4 +51,4 @@ def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(
                                                 (Cpu("AVX-512", frozenset({"avx2", "avx512f", "avx512_bf16"})), "bf16")])
 def test_the_fast_recipe_trains_in_bf16_only_where_the_cpu_has_it(monkeypatch, machine, precision):
     monkeypatch.setattr(benchmark, "this_cpu", lambda: machine)
-    assert benchmark.auto_precision(torch.device("cpu"))[0] == precision
+    assert benchmark.fastest_precision(torch.device("cpu"))[0] == precision
