@@ -20,8 +20,8 @@ def rounded(value: float) -> float:
     return round(float(value), 4)
 
 
-def headline_metrics(actual: np.ndarray, predicted: np.ndarray, class_count: int) -> dict:
-    """Accuracy and macro precision/recall/F1."""
+def overall_scores(actual: np.ndarray, predicted: np.ndarray, class_count: int) -> dict:
+    """Accuracy and macro precision/recall/F1 over the whole test set."""
     precision, recall, f1, _ = precision_recall_fscore_support(
         actual, predicted, labels=list(range(class_count)), average="macro", zero_division=0
     )

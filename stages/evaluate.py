@@ -1,8 +1,9 @@
 """Stage 5, evaluate: the trained model on the held-out test set, as headline metrics and the data of its plots.
 
-metrics/eval.json holds the headline numbers only, one short row in `dvc metrics show`; the per-class numbers
-(metrics/per_class.csv), every prediction (metrics/predictions.csv, for the confusion matrices) and a gallery of
-the surest mistakes (metrics/misclassified/) are plots, declared in dvc.yaml.
+metrics/eval.json holds the headline number only, test accuracy, one short row in `dvc metrics show`; the macro
+scores and counts go to metrics/eval_details.json. The per-class numbers (metrics/per_class.csv), every prediction
+(metrics/predictions.csv, for the confusion matrices) and a gallery of the surest mistakes (metrics/misclassified/)
+are plots, declared in dvc.yaml.
 """
 
 from pathlib import Path
@@ -10,13 +11,14 @@ from pathlib import Path
 import torch
 
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.evaluation import headline_metrics, per_class_scores, predictions_table, write_csv, write_gallery
-from mnist_pipeline.files import atomic_path, dump_json
+from mnist_pipeline.evaluation import overall_scores, per_class_scores, predictions_table, write_csv, write_gallery
+from mnist_pipeline.files import atomic_path, dump_json, write_json
 from mnist_pipeline.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
 from mnist_pipeline.params import load_params
 from mnist_pipeline.prepared import load_split
 
 METRICS_FILE = Path("metrics/eval.json")
+DETAILS_FILE = Path("metrics/eval_details.json")
 PREDICTIONS_FILE = Path("metrics/predictions.csv")
 PER_CLASS_FILE = Path("metrics/per_class.csv")
 GALLERY_DIR = Path("metrics/misclassified")
@@ -31,8 +33,9 @@ def main() -> None:
     predicted = logits.argmax(1).numpy()
 
     class_names = checkpoint["class_names"]
-    metrics = {
-        **headline_metrics(actual, predicted, len(class_names)),
+    scores = overall_scores(actual, predicted, len(class_names))
+    details = {
+        **scores,
         "misclassified": int((predicted != actual).sum()),
         "test_images": len(actual),
         "best_epoch": checkpoint["epoch"],
@@ -40,13 +43,14 @@ def main() -> None:
     }
     # eval.json is renamed last, once every plot file is written: a failed run leaves the last complete set.
     with atomic_path(METRICS_FILE) as metrics_temp:
-        dump_json(metrics_temp, metrics)
+        dump_json(metrics_temp, {"accuracy": scores["accuracy"]})
         write_csv(PER_CLASS_FILE, per_class_scores(actual, predicted, class_names))
         write_csv(PREDICTIONS_FILE, predictions_table(actual, predicted, class_names))
         write_gallery(GALLERY_DIR, images, actual, predicted, logits, class_names, params.gallery_size)
+        write_json(DETAILS_FILE, details)
     print(
-        f"test accuracy {metrics['accuracy']:.4f}, macro precision {metrics['precision_macro']:.4f}, "
-        f"recall {metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} on {len(actual)} images ({device.type})"
+        f"test accuracy {scores['accuracy']:.4f}, macro precision {scores['precision_macro']:.4f}, "
+        f"recall {scores['recall_macro']:.4f}, F1 {scores['f1_macro']:.4f} on {len(actual)} images ({device.type})"
     )
 
 
