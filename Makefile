@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test bench plots-template clean-venv
+.PHONY: repro test bench check-int8 plots-template clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(VENV)/.installed-test
 # The pipeline first (MNIST_PIPELINE_MIRRORS names a local copy of MNIST), then the benchmark on its data.
 bench: repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/benchmark.py $(BENCH_ARGS)
+
+# The int8 model against onnx's reference evaluator on every test image, on this CPU (under 2 minutes on 2 cores;
+# the export stage checks a sample). CHECK_INT8_ARGS="--images N" checks the first N only.
+check-int8: repro
+	$(BIN)/python -m mnist_pipeline.check_int8 $(CHECK_INT8_ARGS)
 
 # Regenerate .dvc/plots/offline.html, the committed offline page template of `dvc plots`, after bumping vl-convert-python.
 plots-template: $(VENV)/.installed-test

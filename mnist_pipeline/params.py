@@ -1,14 +1,13 @@
-"""The params.yaml schema: every key, its type and allowed values, validated in one place before any work."""
+"""The params.yaml schema: every key, its type and allowed values, as pydantic models validated in one place before any work."""
 
-import dataclasses
 import difflib
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
 
 from mnist_pipeline.errors import PipelineError, gist
 
@@ -26,195 +25,187 @@ MODEL_KEYS_BY_ARCH = {
 PRETRAINED_ARCHS = ("resnet18",)  # the architectures with published ImageNet weights that the pipeline can fetch
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What a value must be: a predicate and the words that tell a user what is allowed."""
-
-    allowed: str
-    check: Callable[[Any], bool]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _as_written(value: Any, validate) -> Any:
+    """Check a number against its float schema but keep it as the YAML wrote it: 0 stays the int 0, since
+    models/model.pt records model.dropout and its bytes must not change with pydantic's float conversion."""
+    validate(value)
+    return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def number(**bounds: float) -> Any:
+    """A YAML int or float within `bounds` (pydantic's gt, ge, lt, le)."""
+    return Annotated[float, Field(**bounds), WrapValidator(_as_written)]
 
 
-def integer(low: int, high: int | None = None) -> Rule:
-    words = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-    return Rule(words, lambda v: _is_int(v) and v >= low and (high is None or v <= high))
-
-
-def number(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
-    left, right = ("(" if low_open else "["), (")" if high_open else "]")
-    return Rule(
-        f"a number in {left}{low}, {high}{right}",
-        lambda v: _is_number(v)
-        and (v > low if low_open else v >= low)
-        and (v < high if high_open else v <= high),
-    )
-
-
-def choice(*options: str) -> Rule:
-    return Rule("one of " + ", ".join(options), lambda v: v in options)
-
-
-def boolean() -> Rule:
-    return Rule("true or false", lambda v: isinstance(v, bool))
-
-
-def list_of(item: Rule, min_len: int, max_len: int) -> Rule:
-    return Rule(
-        f"a list of {min_len} to {max_len} items, each {item.allowed}",
-        lambda v: isinstance(v, list) and min_len <= len(v) <= max_len and all(item.check(i) for i in v),
-    )
-
-
-def _is_mirror(value: Any) -> bool:
+def _mirror(value: str) -> str:
     """A directory, or a URL that urllib can fetch: caught here, a typo such as htp:// would only show mid-download."""
-    if not isinstance(value, str) or value.strip() == "":
-        return False
-    if "://" not in value:
-        return True
-    try:
+    if value.strip() == "":
+        raise ValueError("empty")
+    if "://" in value:
         url = urlsplit(value)
         url.port  # raises ValueError for a port that is not a number
-    except ValueError:
-        return False
-    return url.scheme == "file" or (url.scheme in ("http", "https") and bool(url.hostname))
+        if not (url.scheme == "file" or (url.scheme in ("http", "https") and url.hostname)):
+            raise ValueError("not an http(s):// or file:// URL")
+    return value
 
 
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+def _odd(value: int) -> int:
+    if value % 2 == 0:
+        raise ValueError("even")
+    return value
 
 
-def _is_file_name(value: Any) -> bool:
-    """A plain file name: it is joined to mirror URLs and to data/raw/, so no directories and no URL syntax."""
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) is not None
+def _different(names: list[str]) -> list[str]:
+    if len(set(names)) < len(names):
+        raise ValueError("a name is repeated")
+    return names
 
 
-def _is_dataset_file(value: Any) -> bool:
-    return isinstance(value, dict) and sorted(value) == ["file", "sha256"] and _is_file_name(value["file"]) and _is_sha256(value["sha256"])
+# A plain file name: it is joined to mirror URLs and to data/raw/, so no directories and no URL syntax.
+FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Mirrors = Annotated[
+    list[Annotated[str, AfterValidator(_mirror)]],
+    Field(min_length=1, description="a non-empty list of http(s):// or file:// base URLs or directories"),
+]
+Device = Literal["auto", "cpu", "cuda"]
 
 
-def _are_class_names(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and 2 <= len(value) <= 256
-        and all(isinstance(name, str) and name.strip() and not re.search(r"[,\n]", name) for name in value)
-        and len(set(value)) == len(value)
-    )
+class Section(BaseModel):
+    """A section of params.yaml: every key required, no other key, values of exactly their type (no "0.01" for a
+    number, no true for an integer), read-only once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-DATASET_FILE = Rule("{file: a gzipped IDX file name, sha256: 64 lowercase hex digits of its decompressed content}", _is_dataset_file)
-MIRRORS = Rule(
-    "a non-empty list of http(s):// or file:// base URLs or directories",
-    lambda v: isinstance(v, list) and v != [] and all(map(_is_mirror, v)),
-)
+class DatasetFile(Section):
+    file: FileName
+    sha256: Sha256
 
 
-def rule(r: Rule):
-    """A dataclass field carrying its validation rule."""
-    return field(metadata={"rule": r})
+DatasetFileEntry = Annotated[
+    DatasetFile,
+    Field(description="{file: a gzipped IDX file name, sha256: 64 lowercase hex digits of its decompressed content}"),
+]
 
 
-@dataclass(frozen=True)
-class DatasetParams:
-    train_images: dict = rule(DATASET_FILE)
-    train_labels: dict = rule(DATASET_FILE)
-    test_images: dict = rule(DATASET_FILE)
-    test_labels: dict = rule(DATASET_FILE)
-    class_names: list = rule(
-        Rule("a list of 2 to 256 different non-empty strings without commas (label 0 + label_offset first)", _are_class_names)
-    )
-    label_offset: int = rule(integer(0, 255))
+class DatasetParams(Section):
+    train_images: DatasetFileEntry
+    train_labels: DatasetFileEntry
+    test_images: DatasetFileEntry
+    test_labels: DatasetFileEntry
+    class_names: Annotated[
+        list[Annotated[str, Field(pattern=r"^[^,\n]*[^,\s][^,\n]*$")]],  # not blank, no commas or newlines: CSV cells
+        Field(
+            min_length=2,
+            max_length=256,
+            description="a list of 2 to 256 different non-empty strings without commas (label 0 + label_offset first)",
+        ),
+        AfterValidator(_different),
+    ]
+    label_offset: Annotated[int, Field(ge=0, le=255)]
 
     def files(self) -> dict[str, str]:
         """{file name: SHA-256 of its decompressed content}, in the order of DATASET_FILES."""
-        return {getattr(self, key)["file"]: getattr(self, key)["sha256"] for key in DATASET_FILES}
+        return {getattr(self, key).file: getattr(self, key).sha256 for key in DATASET_FILES}
+
+    @model_validator(mode="after")
+    def _four_different_files(self):
+        if len(self.files()) < len(DATASET_FILES):
+            names = ", ".join(getattr(self, key).file for key in DATASET_FILES)
+            raise ValueError(f"dataset names a file twice ({names}); expected four different files")
+        return self
 
 
-@dataclass(frozen=True)
-class DownloadParams:
-    mirrors: list = rule(MIRRORS)
-    timeout: float = rule(number(0, 600, low_open=True))
-    retries: int = rule(integer(0, 10))
-    deadline: float = rule(number(0, 86400, low_open=True))
-    max_megabytes: int = rule(integer(1, 100000))
+class DownloadParams(Section):
+    mirrors: Mirrors
+    timeout: number(gt=0, le=600)
+    retries: Annotated[int, Field(ge=0, le=10)]
+    deadline: number(gt=0, le=86400)
+    max_megabytes: Annotated[int, Field(ge=1, le=100000)]
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    val_size: int = rule(integer(1))
-    seed: int = rule(integer(0))
-    train_limit: int = rule(integer(0))
+class PreprocessParams(Section):
+    val_size: Annotated[int, Field(ge=1)]
+    seed: Annotated[int, Field(ge=0)]
+    train_limit: Annotated[int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    arch: str = rule(choice(*MODEL_KEYS_BY_ARCH))
-    conv_channels: list = rule(list_of(integer(1, 1024), 1, 4))
-    convs_per_block: int = rule(integer(1, 4))
-    kernel_size: int = rule(Rule("an odd integer from 1 to 7", lambda v: _is_int(v) and v in (1, 3, 5, 7)))
-    batch_norm: bool = rule(boolean())
-    fc_units: int = rule(integer(1, 8192))
-    activation: str = rule(choice("relu", "leaky_relu", "tanh", "sigmoid"))
-    dropout: float = rule(number(0, 1, high_open=True))
-    pretrained: str = rule(choice("none", "imagenet"))
-    freeze: bool = rule(boolean())
-    input_size: int = rule(integer(32, 512))
+class ModelParams(Section):
+    arch: Literal[tuple(MODEL_KEYS_BY_ARCH)]
+    conv_channels: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=4)]
+    convs_per_block: Annotated[int, Field(ge=1, le=4)]
+    kernel_size: Annotated[int, Field(ge=1, le=7, description="an odd integer from 1 to 7"), AfterValidator(_odd)]
+    batch_norm: bool
+    fc_units: Annotated[int, Field(ge=1, le=8192)]
+    activation: Literal["relu", "leaky_relu", "tanh", "sigmoid"]
+    dropout: number(ge=0, lt=1)
+    pretrained: Literal["none", "imagenet"]
+    freeze: bool
+    input_size: Annotated[int, Field(ge=32, le=512)]
+
+    @model_validator(mode="after")
+    def _makes_a_network(self):
+        """The combinations of model keys that make no network: each names the keys at odds and a way out."""
+        if self.pretrained != "none" and self.arch not in PRETRAINED_ARCHS:
+            raise ValueError(
+                f"model.pretrained = {self.pretrained!r} is not allowed with model.arch = {self.arch!r}: "
+                f"pretrained weights exist for {', '.join(PRETRAINED_ARCHS)} only; expected none"
+            )
+        if self.freeze and self.pretrained == "none":
+            raise ValueError(
+                "model.freeze = true is not allowed with model.pretrained = 'none': a frozen backbone that was never "
+                "trained stays random, and only the last layer would learn; set model.pretrained: imagenet, "
+                "or model.freeze: false"
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class WeightsParams:
-    file: str = rule(Rule("a file name such as resnet18-f37072fd.pth", _is_file_name))
-    sha256: str = rule(Rule("64 lowercase hex digits: the SHA-256 of the file's bytes", _is_sha256))
-    mirrors: list = rule(MIRRORS)
+class WeightsParams(Section):
+    file: Annotated[FileName, Field(description="a file name such as resnet18-f37072fd.pth")]
+    sha256: Annotated[Sha256, Field(description="64 lowercase hex digits: the SHA-256 of the file's bytes")]
+    mirrors: Mirrors
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    device: str = rule(choice("auto", "cpu", "cuda"))
-    mixed_precision: str = rule(choice("auto", "always", "never"))  # not on/off: YAML reads those as booleans
-    threads: int = rule(integer(0, 1024))
-    processes: int | str = rule(Rule("an integer from 1 to 1024, or auto", lambda v: v == "auto" or (_is_int(v) and 1 <= v <= 1024)))
-    compile: bool = rule(boolean())
-    seed: int = rule(integer(0))
-    epochs: int = rule(integer(1, 1000))
-    batch_size: int = rule(integer(1, 65536))
-    optimizer: str = rule(choice("adam", "adamw", "sgd"))
-    lr: float = rule(number(0, 10, low_open=True))
-    betas: list = rule(list_of(number(0, 1, high_open=True), 2, 2))
-    momentum: float = rule(number(0, 1, high_open=True))
-    weight_decay: float = rule(number(0, 1))
-    lr_schedule: str = rule(choice("onecycle", "cosine", "constant"))
-    warmup_fraction: float = rule(number(0, 1, low_open=True, high_open=True))
-    label_smoothing: float = rule(number(0, 1, high_open=True))
-    shift_pixels: int = rule(integer(0, 8))
-    rotate_degrees: float = rule(number(0, 30))
-    zoom_percent: float = rule(number(0, 30))
+class TrainParams(Section):
+    device: Device
+    mixed_precision: Literal["auto", "always", "never"]  # not on/off: YAML reads those as booleans
+    threads: Annotated[int, Field(ge=0, le=1024)]
+    processes: Annotated[
+        Annotated[int, Field(ge=1)] | Literal["auto"], Field(description="an integer >= 1, or auto (one per visible GPU)")
+    ]
+    compile: bool
+    seed: Annotated[int, Field(ge=0)]
+    epochs: Annotated[int, Field(ge=1, le=1000)]
+    batch_size: Annotated[int, Field(ge=1, le=65536)]
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: number(gt=0, le=10)
+    betas: Annotated[list[number(ge=0, lt=1)], Field(min_length=2, max_length=2)]
+    momentum: number(ge=0, lt=1)
+    weight_decay: number(ge=0, le=1)
+    lr_schedule: Literal["onecycle", "cosine", "constant"]
+    warmup_fraction: number(gt=0, lt=1)
+    label_smoothing: number(ge=0, lt=1)
+    shift_pixels: Annotated[int, Field(ge=0, le=8)]
+    rotate_degrees: number(ge=0, le=30)
+    zoom_percent: number(ge=0, le=30)
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    device: str = rule(choice("auto", "cpu", "cuda"))
-    batch_size: int = rule(integer(1, 65536))
-    gallery_size: int = rule(integer(0, 1000))
+class EvaluateParams(Section):
+    device: Device
+    batch_size: Annotated[int, Field(ge=1, le=65536)]
+    gallery_size: Annotated[int, Field(ge=0, le=1000)]
 
 
-@dataclass(frozen=True)
-class ExportParams:
-    opset: int = rule(integer(18, 23))
-    tolerance: float = rule(number(0, 1, low_open=True))
-    int8_max_accuracy_drop: float = rule(number(0, 1))
-    calibration_images: int = rule(integer(1, 100000))
-    seed: int = rule(integer(0))
+class ExportParams(Section):
+    opset: Annotated[int, Field(ge=18, le=23)]
+    tolerance: number(gt=0, le=1)
+    int8_max_accuracy_drop: number(ge=0, le=1)
+    calibration_images: Annotated[int, Field(ge=1, le=100000)]
+    seed: Annotated[int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(Section):
     dataset: DatasetParams
     download: DownloadParams
     preprocess: PreprocessParams
@@ -223,6 +214,35 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
+
+
+SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Params.model_fields.items()}
+
+
+def allowed_values(schema: dict) -> str:
+    """What a key's JSON schema (pydantic's) allows, in the words of the messages: its description, or 'one of a, b',
+    'true or false', 'an integer from 1 to 4', 'a number in (0, 10]', 'a list of 1 to 4 items, each ...'."""
+    if "description" in schema:
+        return schema["description"]
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    kind = schema.get("type")
+    if kind == "boolean":
+        return "true or false"
+    if kind == "integer":
+        low, high = schema["minimum"], schema.get("maximum")
+        return f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    if kind == "number":
+        low = f"({schema['exclusiveMinimum']}" if "exclusiveMinimum" in schema else f"[{schema['minimum']}"
+        high = f"{schema['exclusiveMaximum']})" if "exclusiveMaximum" in schema else f"{schema['maximum']}]"
+        return f"a number in {low}, {high}"
+    if kind == "array":
+        return f"a list of {schema['minItems']} to {schema['maxItems']} items, each {allowed_values(schema['items'])}"
+    raise TypeError(f"no words for the schema {schema}: give its field a description")
+
+
+def allowed_for(section: str, key: str) -> str:
+    return allowed_values(SECTIONS[section].model_json_schema()["properties"][key])
 
 
 def _closest(word: str, names: list[str], spelling: bool = True) -> str | None:
@@ -242,15 +262,11 @@ def _closest(word: str, names: list[str], spelling: bool = True) -> str | None:
     return related[0] if len(related) == 1 else None
 
 
-def _keys_by_section() -> dict[str, list[str]]:
-    return {s.name: [f.name for f in dataclasses.fields(s.type)] for s in dataclasses.fields(Params)}
-
-
 def _did_you_mean(section: str, key: str) -> str:
     """' (did you mean section.key?)' for an unknown key, or '': the key as another section has it
     (train.val_size → preprocess.val_size), a close key of its own section, or a related key of another.
     Other sections get no spelling matches: across sections those suggest unrelated keys."""
-    keys = _keys_by_section()
+    keys = {name: list(model.model_fields) for name, model in SECTIONS.items()}
     others = [name for name in keys if name != section]
     guesses = [(name, key.lower()) for name in [section] + others if key.lower() in keys[name]]
     guesses += [(section, _closest(key, keys[section]))]
@@ -261,47 +277,63 @@ def _did_you_mean(section: str, key: str) -> str:
     return ""
 
 
-def _section(cls: type, name: str, raw: Any, source: Path):
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{source}: section '{name}' must be a mapping of keys to values, got {raw!r}")
-    fields = dataclasses.fields(cls)
-    known = [f.name for f in fields]
-    unknown = sorted((str(key), key) for key in raw if key not in known)  # str: YAML keys can be numbers or booleans
-    if unknown:
-        word, key = unknown[0]
-        raise PipelineError(
-            f"{source}: unknown key {name}.{word} = {raw[key]!r}{_did_you_mean(name, word)}; "
-            f"the keys of '{name}' are: {', '.join(known)}"
+def _first_unknown(mapping: dict, known) -> tuple[str, Any]:
+    """The unknown key to report, the first by name, as text and as it is. YAML keys can be numbers or booleans."""
+    unknown = {str(key): key for key in mapping if key not in known}
+    word = min(unknown)
+    return word, unknown[word]
+
+
+UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # pydantic's error types for a key no field has (invalid: not a str)
+
+
+def _rank(error: dict) -> tuple:
+    """The order in which problems are reported, one at a time: unknown sections, missing sections, then section by
+    section its shape, unknown keys, and its keys in order; the rules across keys last, once every key is valid."""
+    loc, kind = error["loc"], error["type"]
+    if (len(loc) == 1 and kind in UNKNOWN_KEY) or loc[0] not in SECTIONS:
+        return (0,)
+    if len(loc) == 1 and kind == "missing":
+        return (1, list(SECTIONS).index(loc[0]))
+    section = list(SECTIONS).index(loc[0])
+    if len(loc) == 1 and kind == "value_error":
+        return (3, section)
+    if len(loc) == 1:
+        return (2, section, 0)
+    keys = list(SECTIONS[loc[0]].model_fields)
+    return (2, section, 1) if kind in UNKNOWN_KEY else (2, section, 2, keys.index(loc[1]))
+
+
+def describe_problem(error: dict, raw: dict) -> str:
+    """pydantic's error as the one-line message users see, for every error type: the dotted key, the value as
+    params.yaml has it (a list or mapping whole, not the item pydantic blames) and what is allowed."""
+    loc, kind = error["loc"], error["type"]
+    if _rank(error) == (0,):
+        name = _first_unknown(raw, SECTIONS)[0]
+        guess = _closest(name, list(SECTIONS))
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        return f"unknown section '{name}'{hint}; the sections are: {', '.join(SECTIONS)}"
+    section = loc[0]
+    if len(loc) == 1:
+        if kind == "missing":
+            return f"missing section '{section}'"
+        if kind == "value_error":  # a model_validator's rule across keys: its own words
+            return str(error["ctx"]["error"])
+        return f"section '{section}' must be a mapping of keys to values, got {raw[section]!r}"
+    keys = SECTIONS[section].model_fields
+    if len(loc) == 2 and kind in UNKNOWN_KEY:
+        word, key = _first_unknown(raw[section], keys)
+        return (
+            f"unknown key {section}.{word} = {raw[section][key]!r}{_did_you_mean(section, word)}; "
+            f"the keys of '{section}' are: {', '.join(keys)}"
         )
-    values = {}
-    for f in fields:
-        key = f"{name}.{f.name}"
-        if f.name not in raw:
-            raise PipelineError(f"{source}: missing key {key} (expected {f.metadata['rule'].allowed})")
-        value = raw[f.name]
-        r: Rule = f.metadata["rule"]
-        if not r.check(value):
-            raise PipelineError(f"{source}: {key} = {value!r} is not allowed; expected {r.allowed}")
-        values[f.name] = value
-    return cls(**values)
+    key = loc[1]
+    if len(loc) == 2 and kind == "missing":
+        return f"missing key {section}.{key} (expected {allowed_for(section, key)})"
+    return f"{section}.{key} = {raw[section][key]!r} is not allowed; expected {allowed_for(section, key)}"
 
 
-def _check_model(model: ModelParams, source: Path) -> None:
-    """The combinations of model keys that make no network: each names the keys at odds and a way out."""
-    if model.pretrained != "none" and model.arch not in PRETRAINED_ARCHS:
-        raise PipelineError(
-            f"{source}: model.pretrained = {model.pretrained!r} is not allowed with model.arch = {model.arch!r}: "
-            f"pretrained weights exist for {', '.join(PRETRAINED_ARCHS)} only; expected none"
-        )
-    if model.freeze and model.pretrained == "none":
-        raise PipelineError(
-            f"{source}: model.freeze = true is not allowed with model.pretrained = 'none': a frozen backbone that "
-            f"was never trained stays random, and only the last layer would learn; set model.pretrained: imagenet, "
-            f"or model.freeze: false"
-        )
-
-
-def _check_cuda(params: "Params", source: Path) -> None:
+def _check_cuda(params: Params, source: Path) -> None:
     """A device of 'cuda' must exist on this machine, or the first stage fails instead of the train stage."""
     devices = {"train.device": params.train.device, "evaluate.device": params.evaluate.device}
     wanted = [key for key, value in devices.items() if value == "cuda"]
@@ -329,19 +361,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise PipelineError(f"{path} is not valid YAML: {where}{problem or gist(error)}") from None
     if not isinstance(raw, dict):
         raise PipelineError(f"{path} must be a mapping of sections, got {raw!r}")
-    sections = {f.name: f.type for f in dataclasses.fields(Params)}
-    unknown = sorted(str(name) for name in raw if name not in sections)
-    if unknown:
-        guess = _closest(unknown[0], list(sections))
-        hint = f" (did you mean '{guess}'?)" if guess else ""
-        raise PipelineError(f"{path}: unknown section '{unknown[0]}'{hint}; the sections are: {', '.join(sections)}")
-    missing = [name for name in sections if name not in raw]
-    if missing:
-        raise PipelineError(f"{path}: missing section '{missing[0]}'")
-    params = Params(**{name: _section(cls, name, raw[name], path) for name, cls in sections.items()})
-    if len(params.dataset.files()) < len(DATASET_FILES):
-        names = [getattr(params.dataset, key)["file"] for key in DATASET_FILES]
-        raise PipelineError(f"{path}: dataset names a file twice ({', '.join(names)}); expected four different files")
-    _check_model(params.model, path)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as invalid:
+        raise PipelineError(f"{path}: {describe_problem(min(invalid.errors(), key=_rank), raw)}") from None
     _check_cuda(params, path)
     return params

@@ -1,4 +1,4 @@
-"""The data/prepared/ format that preprocess writes and the later stages read: one .npz per split, plus meta.json."""
+"""The data/prepared/ format (one .npz per split, plus meta.json) and the seeded split of the training images into it."""
 
 import contextlib
 import json
@@ -31,6 +31,40 @@ def save_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) 
         for name, (images, labels) in splits.items():
             write_split(renamed_at_the_end.enter_context(atomic_path(PREPARED_DIR / f"{name}.npz")), images, labels)
         dump_json(renamed_at_the_end.enter_context(atomic_path(PREPARED_DIR / "meta.json")), meta)
+
+
+def split_indices(count: int, val_size: int, train_limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded disjoint (train, validation) index sets of a training part of `count` images, each in ascending
+    order; train_limit > 0 subsamples the training set (the validation set stays the same)."""
+    if val_size >= count:
+        raise PipelineError(
+            f"preprocess.val_size = {val_size} is too large for the {count} training images; "
+            f"expected at most {count - 1}, to leave some for training"
+        )
+    order = np.random.default_rng(seed).permutation(count)
+    val, train = order[:val_size], order[val_size:]
+    if train_limit > len(train):
+        raise PipelineError(
+            f"preprocess.train_limit = {train_limit} exceeds the {len(train)} training images left after "
+            f"the validation split; expected at most {len(train)}, or 0 for all of them"
+        )
+    if train_limit:
+        train = train[:train_limit]
+    return np.sort(train), np.sort(val)
+
+
+def prepared_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> dict:
+    """meta.json: each split's image count, the image size, the class names, and the pixel mean and standard deviation
+    that normalise every split. Those come from the training split only, so nothing leaks from validation or test."""
+    train_images = splits["train"][0]
+    train_pixels = train_images / np.float32(255)
+    return {
+        "counts": {name: len(labels) for name, (_, labels) in splits.items()},
+        "image_size": list(train_images.shape[1:]),
+        "class_names": class_names,
+        "mean": round(float(train_pixels.mean(dtype=np.float64)), 6),
+        "std": round(float(train_pixels.std(dtype=np.float64)), 6),
+    }
 
 
 def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
+from mnist_pipeline.cpu import Cpu, this_cpu
 from mnist_pipeline.distributed import Worker, sync_batch_norm
 from mnist_pipeline.download import file_sha256
 from mnist_pipeline.errors import gist
@@ -102,16 +104,32 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
+def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torch.dtype | None:
+    """The autocast precision train.mixed_precision asks for on this device, or None for fp32.
+
+    'auto' means on CUDA only (bf16, or fp16 without bf16). On a CPU it means fp32, whatever the CPU: the default
+    run then trains the same way on every x86 server, so its dvc.lock and run-cache hold on all of them. 'always'
+    asks for bf16 on the CPU too: faster where the CPU computes it natively (AVX512-BF16 or AMX), but elsewhere
+    PyTorch emulates it, several times slower than fp32 (96.6 s against 10.2 s for an epoch on an AVX2-only EPYC),
+    so it warns there.
+    """
+    if device.type == "cuda":
+        wanted = mixed_precision in ("auto", "always")
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if wanted else None
+    if mixed_precision != "always":
+        return None
+    if not cpu.native_bf16:
+        print(f"warning: train.mixed_precision = always on a CPU without native bf16 ({cpu.describe()}): bf16 is "
+              f"emulated there, several times slower than fp32; 'auto' or 'never' trains in fp32", file=sys.stderr)
+    return torch.bfloat16
+
+
 def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.autocast, torch.amp.GradScaler]:
-    """Mixed precision where asked ('auto': on CUDA only): bf16 where the device has it, else fp16 with loss
-    scaling. Weights, optimiser state and the saved model stay fp32 either way."""
-    enabled = mixed_precision == "always" or (mixed_precision == "auto" and device.type == "cuda")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    else:
-        dtype = torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=enabled)
-    return autocast, torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+    """Mixed precision as autocast_dtype picks it; fp16 comes with loss scaling. Weights, optimiser state and the
+    saved model stay fp32 either way."""
+    dtype = autocast_dtype(device, mixed_precision, this_cpu())
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 @dataclasses.dataclass
@@ -298,7 +316,7 @@ def run_fingerprint(params: Params, run: Run) -> str:
     """What a resumed run must share with the run that saved its state: params, processes and threads, training
     data and pretrained weights."""
     counts = [torch.get_num_threads(), run.worker.world_size]
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(params.model), dataclasses.asdict(params.train), *counts]).encode())
+    digest = hashlib.sha256(json.dumps([params.model.model_dump(), params.train.model_dump(), *counts]).encode())
     digest.update(run.train_inputs.cpu().numpy().tobytes())
     if run.weights is not None:
         digest.update(file_sha256(run.weights).encode())

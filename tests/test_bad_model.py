@@ -15,6 +15,7 @@ import torch
 
 from conftest import TINY_ARCHITECTURE, assert_one_line_error, run_stage_cli, synthetic_digits, write_checkpoint
 from stages import evaluate, export
+from mnist_pipeline import int8_verification, onnx_export
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import MODEL_FILE, load_checkpoint
 from mnist_pipeline.prepared import save_split
@@ -159,12 +160,36 @@ def test_an_int8_model_that_loses_accuracy_fails_the_export_and_writes_nothing(t
     assert not (trained / export.METRICS_FILE).exists()
 
 
+@pytest.mark.parametrize("fault", ["8-bit weights", "classes unlike the reference's"])
+def test_an_int8_model_whose_answers_depend_on_the_cpu_fails_the_export_and_writes_nothing(trained, monkeypatch, fault):
+    """Weights that could saturate on a CPU without VNNI, or classes from onnxruntime on this CPU that differ from
+    onnx's reference evaluator's, stop the stage in one line, and neither model nor the metrics are written."""
+    (trained / export.ONNX_FILE).write_bytes(b"the last good model")
+    if fault == "8-bit weights":
+        monkeypatch.setitem(onnx_export.INT8_SETTINGS, "reduce_range", False)
+        problem = r"the Conv weights \S+ hold integers up to 127 in magnitude, beyond 64: CPUs without VNNI would saturate their sums"
+    else:
+        monkeypatch.setattr(int8_verification, "reference_classes", lambda model, pixels: np.full(len(pixels), -1))
+        problem = (r"its classes in onnxruntime on this CPU \(.+\) differ from onnx's reference evaluator's for 50 of 50 "
+                   r"images checked: its integer kernels here do not compute what the file defines")
+    with pytest.raises(PipelineError) as raised:
+        export.main()
+    assert re.fullmatch(f"the int8 model's answers depend on the CPU: {problem}; models/model.onnx and "
+                        f"models/model.int8.onnx were not written", str(raised.value)), str(raised.value)
+    assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
+    assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
+    assert not (trained / export.METRICS_FILE).exists()
+
+
 def test_export_writes_a_verified_int8_model_with_the_class_names(trained):
     export.main()
     metrics = json.loads((trained / export.METRICS_FILE).read_text())
-    assert metrics["onnx_accuracy"] - metrics["int8_accuracy"] <= 0.002 and 0 <= metrics["int8_agreement"] <= 1
-    assert metrics["int8_size_bytes"] == (trained / export.INT8_FILE).stat().st_size < metrics["size_bytes"]
-    assert metrics["calibration_images"] == 200 and metrics["probabilities_max_abs_diff"] <= 1e-4
+    details = json.loads((trained / export.DETAILS_FILE).read_text())
+    assert set(metrics) == {"accuracy", "int8_accuracy", "int8_agreement", "int8_reference_agreement"}, "headline only"
+    assert metrics["accuracy"] - metrics["int8_accuracy"] <= 0.002 and 0 <= metrics["int8_agreement"] <= 1
+    assert details["int8_size_bytes"] == (trained / export.INT8_FILE).stat().st_size < details["size_bytes"]
+    assert details["calibration_images"] == 200 and details["probabilities_max_abs_diff"] <= 1e-4
+    assert details["int8_reference_images"] == 50 and metrics["int8_reference_agreement"] == 1.0
     for path in [export.ONNX_FILE, export.INT8_FILE]:
         session = onnxruntime.InferenceSession(str(trained / path))
         assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]

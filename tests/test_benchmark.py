@@ -2,9 +2,11 @@
 
 import benchmark
 import pytest
+import torch
 
 from conftest import TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import export, preprocess, train
+from mnist_pipeline.cpu import Cpu
 from mnist_pipeline.model import CNN
 from mnist_pipeline.params import MODEL_KEYS_BY_ARCH, load_params
 
@@ -32,7 +34,7 @@ def test_training_runs_are_measured_with_time_to_99_and_flops(trained_workdir):
 
 def test_the_classic_cnn_costs_7_08_mflop_per_training_image():
     flops = benchmark.flops_per_training_image(benchmark.TutorialCNN())
-    assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure the README quotes
+    assert flops == pytest.approx(7.08e6, rel=1e-3)  # the figure docs/performance.md quotes
 
 
 def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(trained_workdir, capsys):
@@ -43,3 +45,10 @@ def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(
         for name in ["PyTorch eager, as loaded", "PyTorch eager, channels-last", "onnxruntime fp32", "onnxruntime int8"]:
             assert f"batch {batch}: {name}" in output
     assert "x channels-last eager" in output and "x fp32" in output and "ms per image" in output
+
+
+@pytest.mark.parametrize("machine, precision", [(Cpu("AVX2", frozenset({"avx2"})), "fp32"),
+                                                (Cpu("AVX-512", frozenset({"avx2", "avx512f", "avx512_bf16"})), "bf16")])
+def test_the_fast_recipe_trains_in_bf16_only_where_the_cpu_has_it(monkeypatch, machine, precision):
+    monkeypatch.setattr(benchmark, "this_cpu", lambda: machine)
+    assert benchmark.fastest_precision(torch.device("cpu"))[0] == precision

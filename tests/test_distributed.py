@@ -1,7 +1,6 @@
 """Data-parallel training on the CPU, gloo on 127.0.0.1: two processes against one, a job of two torchrun "nodes",
 what the workers share, a worker killed mid-run, and each fault of a launch in one line."""
 
-import dataclasses
 import json
 import os
 import resource
@@ -148,7 +147,7 @@ def share_and_reduce(params, worker: Worker) -> None:
 def test_the_workers_share_rows_sums_and_batch_norm_statistics(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = load_params(prepared / "params.yaml")
-    launch(share_and_reduce, dataclasses.replace(params, train=dataclasses.replace(params.train, processes=2)))
+    launch(share_and_reduce, params.model_copy(update={"train": params.train.model_copy(update={"processes": 2})}))
     first, second = (torch.load(tmp_path / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
     rows = torch.arange(21.0).view(7, 3)
     assert torch.equal(first["mine"], rows[:4]) and torch.equal(second["mine"], rows[4:])
@@ -240,13 +239,13 @@ def test_a_port_in_use_is_one_line(prepared, tmp_path, joining):
     assert not (work / "models").exists()
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True, None, 1025, "AUTO"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True, None, "AUTO"])
 def test_bad_values_of_train_processes_are_refused_in_one_line(workdir, value):
     update_params(workdir / "params.yaml", {"train": {"processes": value}})
     with pytest.raises(PipelineError) as refused:
         load_params()
     assert str(refused.value) == (
-        f"params.yaml: train.processes = {value!r} is not allowed; expected an integer from 1 to 1024, or auto"
+        f"params.yaml: train.processes = {value!r} is not allowed; expected an integer >= 1, or auto (one per visible GPU)"
     )
 
 

@@ -1,7 +1,6 @@
 """The download stage: verified by content hash, retried, failing over between mirrors, never half-written."""
 
 import contextlib
-import dataclasses
 import gzip
 import shutil
 import socket
@@ -15,7 +14,7 @@ from conftest import MNIST_FILES, QuietHandler, dataset_files, run_stage_cli, se
 from mnist_pipeline import download
 from stages import download as download_stage
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.params import load_params
+from mnist_pipeline.params import Params, load_params
 
 NAME = MNIST_FILES[1]
 # download.max_megabytes and download.deadline in these tests: synthetic files are a few hundred kB at most.
@@ -97,10 +96,10 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
 
 def _params_with(hashes, mirror_urls=("http://127.0.0.1:9/",)):
     """params.yaml with the download section pointed at test mirrors and synthetic hashes."""
-    params = load_params()
-    download_params = dataclasses.replace(params.download, mirrors=list(mirror_urls), timeout=1, retries=0, deadline=DEADLINE, max_megabytes=MAX_MEGABYTES)
-    dataset = dataclasses.replace(params.dataset, **dataset_files(hashes))
-    return dataclasses.replace(params, download=download_params, dataset=dataset)
+    params = load_params().model_dump()
+    params["download"] = {"mirrors": list(mirror_urls), "timeout": 1, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}
+    params["dataset"].update(dataset_files(hashes))
+    return Params.model_validate(params)  # validated, like every params the stages get
 
 
 def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import synthetic_digits, update_params, write_checkpoint
 from stages import evaluate
+from mnist_pipeline import evaluation
 from mnist_pipeline.model import MODEL_FILE, load_checkpoint, predict_logits
 from mnist_pipeline.prepared import save_split
 
@@ -31,9 +32,9 @@ def test_surest_mistakes_come_first_and_ties_keep_test_set_order():
     actual = np.array([0, 1, 2, 3, 4, 5])
     predicted = np.array([0, 2, 2, 0, 1, 0])
     confidence = np.array([0.99, 0.6, 0.99, 0.9, 0.6, 0.7])
-    assert evaluate.surest_mistakes(actual, confidence, predicted, 10).tolist() == [3, 5, 1, 4]
-    assert evaluate.surest_mistakes(actual, confidence, predicted, 2).tolist() == [3, 5]
-    assert evaluate.surest_mistakes(actual, confidence, predicted, 0).tolist() == []
+    assert evaluation.surest_mistakes(actual, confidence, predicted, 10).tolist() == [3, 5, 1, 4]
+    assert evaluation.surest_mistakes(actual, confidence, predicted, 2).tolist() == [3, 5]
+    assert evaluation.surest_mistakes(actual, confidence, predicted, 0).tolist() == []
 
 
 def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evaluated, monkeypatch):
@@ -47,14 +48,14 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
     gallery = sorted((workdir / evaluate.GALLERY_DIR).iterdir())
     assert [p.name for p in gallery] == [f"{rank}.png" for rank in range(1, len(expected) + 1)] and len(expected) == 5
     first = Image.open(gallery[0])
-    assert first.width >= 28 * evaluate.GALLERY_SCALE and first.height > 28 * evaluate.GALLERY_SCALE, "digit plus caption"
-    digit = np.asarray(first)[: 28 * evaluate.GALLERY_SCALE]
-    left = (first.width - 28 * evaluate.GALLERY_SCALE) // 2
+    assert first.width >= 28 * evaluation.GALLERY_SCALE and first.height > 28 * evaluation.GALLERY_SCALE, "digit plus caption"
+    digit = np.asarray(first)[: 28 * evaluation.GALLERY_SCALE]
+    left = (first.width - 28 * evaluation.GALLERY_SCALE) // 2
     np.testing.assert_array_equal(digit[::4, left : left + 112 : 4], images[expected[0]])  # pixel for pixel, 4x
-    assert (np.asarray(first)[28 * evaluate.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
+    assert (np.asarray(first)[28 * evaluation.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
 
     captions = []
-    monkeypatch.setattr(evaluate, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1)))
+    monkeypatch.setattr(evaluation, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1)))
     evaluate.main()
     assert captions == [
         [f"true: {CLASS_NAMES[labels[i]]}", f"predicted: {CLASS_NAMES[predicted[i]]}", f"confidence: {float(confidence[i]):.1%}"]
@@ -65,12 +66,15 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
 def test_eval_json_is_headline_only_and_per_class_scores_are_a_csv(evaluated):
     workdir, _, labels = evaluated
     metrics = json.loads((workdir / evaluate.METRICS_FILE).read_text())
-    assert set(metrics) == {"accuracy", "precision_macro", "recall_macro", "f1_macro", "misclassified", "test_images", "best_epoch", "device"}
+    details = json.loads((workdir / evaluate.DETAILS_FILE).read_text())
+    assert set(metrics) == {"accuracy"}, "eval.json holds the headline number only: one short row in `dvc metrics show`"
+    assert set(details) == {"accuracy", "precision_macro", "recall_macro", "f1_macro", "misclassified", "test_images", "best_epoch", "device"}
+    assert details["accuracy"] == metrics["accuracy"]
     rows = list(csv.DictReader((workdir / evaluate.PER_CLASS_FILE).open()))
     assert [row["class"] for row in rows] == CLASS_NAMES
     assert [int(row["support"]) for row in rows] == np.bincount(labels, minlength=10).tolist()
     mean_recall = np.mean([float(row["recall"]) for row in rows])
-    assert mean_recall == pytest.approx(metrics["recall_macro"], abs=1e-3)
+    assert mean_recall == pytest.approx(details["recall_macro"], abs=1e-3)
 
 
 def test_a_new_run_replaces_the_whole_gallery(evaluated):
@@ -80,3 +84,17 @@ def test_a_new_run_replaces_the_whole_gallery(evaluated):
     evaluate.main()
     assert list((workdir / evaluate.GALLERY_DIR).iterdir()) == []
     assert [p.name for p in (workdir / "metrics").iterdir() if p.name.startswith(".")] == [], "no temp directory left"
+
+
+def test_csv_files_keep_the_csv_modules_bytes(tmp_path):
+    """pandas writes the plot data as the csv module did (CRLF, quoting), with Python's correctly rounded scores:
+    numpy's rounding (DataFrame.round) would give 1/160 as 0.0062, and change the committed per_class.csv."""
+    actual = np.array([0] * 160 + [1] * 10)
+    predicted = np.array([0] + [1] * 159 + [1] * 10)
+    table = evaluation.per_class_scores(actual, predicted, ['say "hi"', "b "])
+    evaluation.write_csv(tmp_path / "per_class.csv", table)
+    assert (tmp_path / "per_class.csv").read_bytes() == (
+        b'class,precision,recall,f1,support\r\n"say ""hi""",1.0,0.0063,0.0124,160\r\nb ,0.0592,1.0,0.1117,10\r\n'
+    )
+    evaluation.write_csv(tmp_path / "predictions.csv", evaluation.predictions_table(actual[158:161], predicted[158:161], ["0", "1"]))
+    assert (tmp_path / "predictions.csv").read_bytes() == b"actual,predicted\r\n0,1\r\n0,1\r\n1,1\r\n"

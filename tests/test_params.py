@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO_ROOT, run_stage_cli, update_params
 from stages import evaluate, train
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.params import load_params
+from mnist_pipeline.params import SECTIONS, allowed_for, load_params
 
 
 def test_shipped_params_are_valid():
@@ -146,3 +146,49 @@ def test_stage_asked_for_missing_cuda_stops_before_any_work(workdir, monkeypatch
     with pytest.raises(PipelineError, match=f"{stage}.device = 'cuda' is not allowed: PyTorch sees no CUDA device"):
         main()
     assert sorted(workdir.rglob("*")) == before, "nothing written, not even the training logs"
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", 1.5, True, None])
+def test_processes_is_a_positive_integer_or_auto(tmp_path, value):
+    with pytest.raises(PipelineError) as raised:
+        load_params(write_params(tmp_path / "params.yaml", "train", "processes", value))
+    assert str(raised.value) == (
+        f"{tmp_path / 'params.yaml'}: train.processes = {value!r} is not allowed; "
+        f"expected an integer >= 1, or auto (one per visible GPU)"
+    )
+
+
+@pytest.mark.parametrize("value", [1, 4, "auto"])
+def test_processes_accepts_counts_and_auto(tmp_path, value):
+    assert load_params(write_params(tmp_path / "params.yaml", "train", "processes", value)).train.processes == value
+
+
+def test_every_key_says_what_it_allows():
+    for section, model in SECTIONS.items():
+        for key in model.model_fields:
+            assert allowed_for(section, key).startswith(("a ", "an ", "one of ", "true or false", "64 ", "{file: "))
+
+
+def test_numbers_keep_the_type_yaml_gave_them(tmp_path):
+    """models/model.pt records model.dropout: a dropout of 0 must stay the int it was written as, not become 0.0."""
+    path = write_params(tmp_path / "params.yaml", "model", "dropout", 0)
+    update_params(path, {"train": {"lr": 1, "weight_decay": 0.0}})
+    params = load_params(path)
+    assert [(value, type(value)) for value in (params.model.dropout, params.train.lr, params.train.weight_decay)] == [
+        (0, int), (1, int), (0.0, float)
+    ]
+
+
+@pytest.mark.parametrize("sha256", ["0" * 63 + "\n", "A" * 64, "0" * 65])
+def test_a_dataset_hash_is_exactly_64_lowercase_hex_digits(tmp_path, sha256):
+    path = write_params(tmp_path / "params.yaml", "dataset", "train_labels", {"file": "labels.gz", "sha256": sha256})
+    with pytest.raises(PipelineError, match=r"dataset.train_labels = \{'file': 'labels.gz', 'sha256': .* is not allowed; expected \{file: "):
+        load_params(path)
+
+
+def test_the_first_problem_in_file_order_is_reported(tmp_path):
+    """Section by section, and in a section its keys in order; the rules across keys only once every key is valid."""
+    path = write_params(tmp_path / "params.yaml", "export", "opset", 1)
+    update_params(path, {"model": {"freeze": True}, "train": {"lr": 0, "epochs": 0}})
+    with pytest.raises(PipelineError, match=r"train.epochs = 0 is not allowed"):
+        load_params(path)

@@ -11,23 +11,23 @@ from conftest import MNIST_FILES, TINY_PARAMS, assert_one_line_error, run_stage_
 from stages import preprocess
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.idx import write_idx
-from mnist_pipeline.prepared import load_split
+from mnist_pipeline.prepared import load_split, split_indices
 
 
 def test_split_is_deterministic_disjoint_and_seed_dependent():
-    train, val = preprocess.split_indices(1000, 100, 0, seed=7)
-    again_train, again_val = preprocess.split_indices(1000, 100, 0, seed=7)
+    train, val = split_indices(1000, 100, 0, seed=7)
+    again_train, again_val = split_indices(1000, 100, 0, seed=7)
     np.testing.assert_array_equal(train, again_train)
     np.testing.assert_array_equal(val, again_val)
     assert len(val) == 100 and len(train) == 900
     assert not set(train) & set(val) and set(train) | set(val) == set(range(1000))
-    _, other_val = preprocess.split_indices(1000, 100, 0, seed=8)
+    _, other_val = split_indices(1000, 100, 0, seed=8)
     assert set(other_val) != set(val)
 
 
 def test_train_limit_subsamples_only_the_training_part():
-    train, val = preprocess.split_indices(1000, 100, 250, seed=7)
-    full_train, full_val = preprocess.split_indices(1000, 100, 0, seed=7)
+    train, val = split_indices(1000, 100, 250, seed=7)
+    full_train, full_val = split_indices(1000, 100, 0, seed=7)
     assert len(train) == 250 and set(train) <= set(full_train)
     np.testing.assert_array_equal(val, full_val)
 
@@ -38,7 +38,7 @@ def test_train_limit_subsamples_only_the_training_part():
 )
 def test_impossible_split_sizes_are_clear_errors(val_size, limit, message):
     with pytest.raises(PipelineError, match=message):
-        preprocess.split_indices(1000, val_size, limit, seed=0)
+        split_indices(1000, val_size, limit, seed=0)
 
 
 def test_stage_writes_splits_and_metadata(workdir):

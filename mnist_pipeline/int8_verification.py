@@ -1,0 +1,113 @@
+"""The int8 model's checks: its accuracy against the fp32 model's, and its answers against what no CPU can change,
+the bounds of its integer weights and onnx's reference evaluator (every operator computed from its definition in
+numpy, not by onnxruntime's kernels)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from mnist_pipeline.cpu import this_cpu
+from mnist_pipeline.errors import PipelineError, gist
+from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS
+from mnist_pipeline.params import ExportParams
+
+REFERENCE_OPSET = 19  # the first opset whose DequantizeLinear onnx's reference evaluator implements
+REFERENCE_IMAGES = 500  # test images the export stage checks, about 4 s on 2 cores; `make check-int8` checks all
+REFERENCE_BATCH = 100
+# onnx_export.INT8_SETTINGS says why: 7-bit weights keep a pair of uint8 * int8 products within 16 bits on CPUs
+# without VNNI, and each output channel's sum must fit the kernels' 32-bit accumulators.
+WEIGHT_LIMIT, ACTIVATION_LIMIT, ACCUMULATOR_LIMIT = 64, 255, 2**31 - 1
+OUTPUT_AXIS = {"Conv": 0, "MatMul": -1}  # of the weights; Gemm's is 0 with transB = 1 (PyTorch's Linear), else 1
+
+
+def weight_bound_problem(model: onnx.ModelProto) -> str | None:
+    """What in the int8 model could overflow or saturate an integer kernel on some CPU, or None: a weight beyond
+    ±WEIGHT_LIMIT, or an output channel whose largest possible sum (bias included) does not fit in 32 bits."""
+    stored = {tensor.name: tensor for tensor in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def quantized(name: str) -> tuple[str, np.ndarray | None]:
+        """The stored integers that a DequantizeLinear turns into this input, and their name, if that is what it is."""
+        node = producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in stored:
+            return name, None
+        return node.input[0], numpy_helper.to_array(stored[node.input[0]]).astype(np.int64)
+
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        name, weights = quantized(node.input[1])
+        if weights is None:
+            continue
+        largest = int(np.abs(weights).max())
+        if largest > WEIGHT_LIMIT:
+            return (f"the {node.op_type} weights {name} hold integers up to {largest} in magnitude, beyond "
+                    f"{WEIGHT_LIMIT}: CPUs without VNNI would saturate their sums")
+        transposed = any(attribute.name == "transB" and attribute.i for attribute in node.attribute)
+        axis = OUTPUT_AXIS.get(node.op_type, 0 if transposed else 1) % weights.ndim
+        sums = np.abs(weights).sum(axis=tuple(a for a in range(weights.ndim) if a != axis))
+        bias = quantized(node.input[2])[1] if len(node.input) > 2 and node.input[2] else None
+        bound = int((ACTIVATION_LIMIT * sums + (0 if bias is None else np.abs(bias))).max())
+        if bound > ACCUMULATOR_LIMIT:
+            return (f"the {node.op_type} with weights {name} can sum to {bound}, beyond its 32-bit accumulators' "
+                    f"{ACCUMULATOR_LIMIT}")
+    return None
+
+
+def reference_classes(model: onnx.ModelProto, pixels: np.ndarray) -> np.ndarray:
+    """The class onnx's reference evaluator computes for each image, from a copy of the model converted to
+    REFERENCE_OPSET if older (opset 19 changes no operator's meaning for these models, it adds types)."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < REFERENCE_OPSET:
+        model = onnx.version_converter.convert_version(model, REFERENCE_OPSET)
+    evaluator = ReferenceEvaluator(model)
+    starts = range(0, len(pixels), REFERENCE_BATCH)
+    return np.concatenate([evaluator.run([LOGITS], {INPUT_NAME: pixels[i : i + REFERENCE_BATCH]})[0].argmax(1) for i in starts])
+
+
+def reference_problem(model: onnx.ModelProto, pixels: np.ndarray, classes: np.ndarray) -> str | None:
+    """Why the classes onnxruntime computed on this CPU for `pixels` cannot be trusted on every CPU, or None."""
+    problem = weight_bound_problem(model)
+    if problem:
+        return problem
+    mismatched = np.flatnonzero(reference_classes(model, pixels) != classes)
+    if len(mismatched):
+        return (f"its classes in onnxruntime on this CPU ({this_cpu().describe()}) differ from onnx's reference "
+                f"evaluator's for {len(mismatched)} of {len(pixels)} images checked: its integer kernels here do "
+                f"not compute what the file defines")
+    return None
+
+
+def reference_sample(count: int, total: int, seed: int) -> np.ndarray:
+    """Which of `total` test images the export stage checks: a seeded sample of `count`, in order, or all."""
+    return np.sort(np.random.default_rng(seed).choice(total, min(count, total), replace=False))
+
+
+def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray, pixels: np.ndarray,
+               params: ExportParams, not_written: str) -> dict:
+    """The int8 model's metrics, once it loses at most export.int8_max_accuracy_drop of the fp32 model's test
+    accuracy and onnxruntime's `logits` give the reference evaluator's classes on a seeded sample of the test
+    images; else a PipelineError ending with `not_written`."""
+    accuracy, int8_accuracy = (float((scores.argmax(1) == labels).mean()) for scores in (fp32_logits, logits))
+    if accuracy - int8_accuracy > params.int8_max_accuracy_drop:
+        raise PipelineError(
+            f"the int8 model's test accuracy {int8_accuracy:.4f} is {100 * (accuracy - int8_accuracy):.2f} points "
+            f"below the fp32 model's {accuracy:.4f} (export.int8_max_accuracy_drop = {params.int8_max_accuracy_drop}); "
+            f"{not_written}"
+        )
+    sample = reference_sample(REFERENCE_IMAGES, len(pixels), params.seed)
+    try:
+        problem = reference_problem(onnx.load(path), pixels[sample], logits[sample].argmax(1))
+    except Exception as error:  # onnx's converter and evaluator raise whatever their operators raise
+        raise PipelineError(f"onnx's reference evaluator cannot run the int8 model ({gist(error)}); {not_written}") from None
+    if problem:
+        raise PipelineError(f"the int8 model's answers depend on the CPU: {problem}; {not_written}")
+    return {
+        "int8_accuracy": round(int8_accuracy, 4),
+        "int8_agreement": round(float((logits.argmax(1) == fp32_logits.argmax(1)).mean()), 4),
+        "int8_reference_images": len(sample),
+        "int8_reference_agreement": 1.0,  # any difference fails the stage
+    }

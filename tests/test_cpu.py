@@ -1,0 +1,73 @@
+"""The CPU's features, read from /proc/cpuinfo, and the training precision they choose: bf16 autocast only where the
+CPU computes bf16 natively, so that no setting is fast on one kind of CPU and many times slower on another."""
+
+import pytest
+import torch
+
+from mnist_pipeline import cpu
+from mnist_pipeline.cpu import Cpu, parse_cpuinfo
+from mnist_pipeline.training import autocast_dtype
+
+EPYC_MILAN = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx fma avx2 bmi2 sha_ni
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx fma avx2 bmi2 sha_ni
+"""
+SAPPHIRE_RAPIDS_FLAGS = "avx2 avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_tile amx_int8"
+AVX2_ONLY = Cpu("an AVX2 server", frozenset({"avx2"}))
+NATIVE_BF16 = Cpu("an AVX-512 server", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}))
+
+
+def test_an_avx2_only_cpu_has_no_native_bf16():
+    found = parse_cpuinfo(EPYC_MILAN)
+    assert found == Cpu("AMD EPYC 7B13 (family 25 model 1)", frozenset({"avx2"})) and not found.native_bf16
+    assert found.describe() == "AMD EPYC 7B13 (family 25 model 1), avx2; no avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
+
+
+def test_avx512_bf16_or_amx_make_bf16_native():
+    found = parse_cpuinfo(f"model name\t: Intel Xeon\nflags\t\t: {SAPPHIRE_RAPIDS_FLAGS}\n")
+    assert found.native_bf16 and found.describe() == "Intel Xeon, avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
+    assert parse_cpuinfo("flags\t: avx2 amx_bf16\n").native_bf16 and NATIVE_BF16.native_bf16
+
+
+def test_without_cpuinfo_nothing_is_assumed_native(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "none")
+    cpu.this_cpu.cache_clear()
+    try:
+        assert cpu.this_cpu().flags == frozenset() and not cpu.this_cpu().native_bf16
+    finally:
+        cpu.this_cpu.cache_clear()
+    arm = parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n")
+    assert arm.flags == frozenset() and "none of avx2" in arm.describe()
+
+
+@pytest.mark.parametrize("setting, machine, expected", [
+    ("auto", AVX2_ONLY, None),
+    ("auto", NATIVE_BF16, None),
+    ("never", NATIVE_BF16, None),
+    ("always", NATIVE_BF16, torch.bfloat16),
+])
+def test_auto_trains_in_fp32_on_every_cpu_and_always_in_bf16_silently_where_native(setting, machine, expected, capsys):
+    assert autocast_dtype(torch.device("cpu"), setting, machine) == expected
+    assert capsys.readouterr().err == ""
+
+
+def test_always_on_a_cpu_without_native_bf16_warns_in_one_line(capsys):
+    assert autocast_dtype(torch.device("cpu"), "always", AVX2_ONLY) == torch.bfloat16
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: train.mixed_precision = always on a CPU without native bf16 (an AVX2 server, avx2; no ")
+    assert "emulated" in warning and warning.count("\n") == 1
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_keeps_mixed_precision_whatever_the_cpu(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: has_bf16)
+    assert autocast_dtype(torch.device("cuda"), "auto", AVX2_ONLY) == expected
+    assert autocast_dtype(torch.device("cuda"), "never", NATIVE_BF16) is None
