@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -214,9 +214,10 @@ class EpochTotals:
         self.images += len(labels)
 
     def means(self) -> tuple[float, float]:
-        """(mean loss, accuracy) of the epoch over every worker's images, once its queued steps are done."""
+        """(mean loss, accuracy) of the epoch over every worker's images, once its queued steps are done (so that
+        the epoch's seconds include them)."""
         if self.worker.device.type == "cuda":
-            torch.cuda.synchronize(self.worker.device)  # so that the epoch's seconds include the queued steps
+            torch.cuda.synchronize(self.worker.device)
         if not self.worker.distributed:
             return self.loss.item() / self.images, self.correct.item() / self.images
         loss, correct, images = self.worker.sum(torch.stack([self.loss, self.correct.double(), self.loss.new_tensor(self.images)])).tolist()
@@ -251,8 +252,9 @@ def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
                train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached, worker)
 
 
-def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float]:
-    """One pass over the training set in a seeded random order; its mean loss and accuracy."""
+def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float, float]:
+    """One pass over the training set in a seeded random order: its mean loss, its accuracy and its seconds."""
+    started = time.perf_counter()
     run.train_mode()
     order, totals = run.epoch_order(), EpochTotals(run.worker)
     for step in tqdm(range(run.steps_per_epoch), desc=label, disable=None if run.worker.writes else True, leave=False):
@@ -268,7 +270,7 @@ def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float
         run.scaler.update()
         run.schedule.step()
         totals.add(loss, logits, labels, len(batch))
-    return totals.means()
+    return *totals.means(), time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -346,7 +348,7 @@ def load_resume_state(path: Path, fingerprint: str) -> dict | None:
         print(f"ignoring {path}: not a readable training state ({gist(error)}); starting from epoch 1")
         return None
     if state.get("fingerprint") != fingerprint:
-        print(f"ignoring {path}: it comes from other params, processes, threads or data; starting from epoch 1")
+        print(f"ignoring {path}: it comes from other params, threads or data; starting from epoch 1")
         return None
     return state
 
@@ -365,8 +367,9 @@ class ResumeFile:
             require_free_space(path.parent, 5 * weight_bytes, "train")
             self.fingerprint = run_fingerprint(params, run)
 
-    def load(self, run: Run) -> tuple[dict, list[dict]]:
-        """The best epoch and the results of the epochs done, loaded into the run; none for a fresh run."""
+    def load(self, run: Run, on_epoch: Callable[[dict, PixelClassifier], None]) -> tuple[dict, list[dict]]:
+        """The best epoch and the results of the epochs done, loaded into the run, and those results replayed to
+        on_epoch, so that the logs hold every epoch; none for a fresh run."""
         if self.path is None:
             return {"val_accuracy": -1.0}, []
         saved = run.worker.object_from_first(load_resume_state(self.path, self.fingerprint) if run.worker.writes else None)
@@ -376,6 +379,8 @@ class ResumeFile:
             part.load_state_dict(saved[name])
         set_rng_states(saved["rng"][run.worker.rank], run.generator, run.device)
         print(f"resuming from {self.path}: epochs 1-{len(saved['history'])} of {self.epochs} already done")
+        for result in saved["history"]:
+            on_epoch(result, run.model)
         return saved["best"], saved["history"]
 
     def save(self, run: Run, best: dict, history: list[dict]) -> None:

@@ -1,11 +1,8 @@
 """Stage 4, train: fit the model on data/prepared/, keep the epoch with the best validation accuracy in models/model.pt.
-
-With train.processes above 1, or under torchrun, each of several processes trains on its share of every batch
-(mnist_pipeline/distributed.py); the first one writes the outputs."""
+With train.processes > 1, or under torchrun, several processes share each batch (mnist_pipeline/distributed.py)."""
 
 import copy
 import functools
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,15 +30,11 @@ def train(params: Params, worker: Worker, on_epoch: Callable[[dict, PixelClassif
     run = prepare(params, worker, cache_features)
     print(run.summary())
     state = ResumeFile(resume_file, params, run)
-    best, history = state.load(run)
-    for result in history:  # replayed, so that the logs hold every epoch
-        on_epoch(result, run.model)
+    best, history = state.load(run, on_epoch)
     if len(history) < params.train.epochs:
         compute_frozen_features(run)
     for epoch in range(len(history) + 1, params.train.epochs + 1):
-        started = time.perf_counter()
-        train_loss, train_accuracy = train_epoch(run, params.train, f"epoch {epoch}/{params.train.epochs}")
-        seconds = time.perf_counter() - started
+        train_loss, train_accuracy, seconds = train_epoch(run, params.train, f"epoch {epoch}/{params.train.epochs}")
         val_loss, val_accuracy = evaluate(run.trained, run.val_inputs, run.val_labels, worker)
         history.append({"epoch": epoch, "train/loss": train_loss, "train/accuracy": train_accuracy, "val/loss": val_loss,
                         "val/accuracy": val_accuracy, "seconds": seconds})
