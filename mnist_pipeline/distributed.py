@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import tempfile
-import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ class Worker:
     def seed(self, seed: int) -> int:
         """The seed of this worker's own draws (augmentation, dropout): train.seed itself for the first worker, so
         that one process draws exactly as it always did; another for each other rank."""
-        return (seed + (self.rank << 40)) % (1 << 63)
+        return (seed + (self.rank << 40)) % (1 << 64) if self.rank else seed
 
     def share(self, rows: torch.Tensor) -> torch.Tensor:
         """This worker's contiguous part of rows that all the workers hold (a global batch, a split): the parts
@@ -101,8 +100,8 @@ class Worker:
         return values
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The module as the steps call it: under DistributedDataParallel, which averages the workers' gradients
-        during the backward pass, when there are several."""
+        """The module as the steps call it: in a torch.distributed job, under DistributedDataParallel, which
+        averages the workers' gradients during the backward pass."""
         if not self.distributed:
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None

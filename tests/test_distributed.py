@@ -1,7 +1,6 @@
 """Data-parallel training on the CPU, gloo on 127.0.0.1: two processes against one, a job of two torchrun "nodes",
 what the workers share, a worker killed mid-run, and each fault of a launch in one line."""
 
-import json
 import os
 import resource
 import shutil
