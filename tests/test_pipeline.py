@@ -376,7 +376,7 @@ def test_an_experiment_with_two_training_processes_trains_then_evaluates_and_exp
         assert ran_stages(output) == ["train", "evaluate", "export"]
         assert "training on cpu (2 processes of 1 CPU thread each)" in output and output.count("kept epoch") == 1
         assert json.loads((repo / "metrics/eval.json").read_text())["accuracy"] > 0.5
-        assert json.loads((repo / "metrics/export.json").read_text())["max_abs_diff"] <= 1e-4, "ONNX verified against PyTorch"
+        assert json.loads((repo / "metrics/export_details.json").read_text())["max_abs_diff"] <= 1e-4, "ONNX verified against PyTorch"
         assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.int8.onnx", "model.onnx", "model.pt"]
         assert not list(repo.rglob(".*.tmp"))
     finally:
