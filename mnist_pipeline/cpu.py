@@ -1,7 +1,7 @@
 """What this machine's CPU does natively, read once from /proc/cpuinfo: the features that change the pipeline's speed.
 
-Training precision follows them (bf16 autocast only where the CPU has bf16 instructions), and the benchmark prints
-them beside its figures. The int8 model's answers do not depend on them: see onnx_export.quantize_int8.
+The benchmark prints them beside its figures and trains its fast recipe in bf16 only where the CPU has bf16
+instructions; train.mixed_precision: always warns where it has none. The int8 model's answers do not depend on them: see onnx_export.quantize_int8.
 """
 
 import functools

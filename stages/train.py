@@ -11,14 +11,15 @@ from dvclive import Live
 
 from mnist_pipeline.distributed import Worker, launch
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.files import atomic_directory, atomic_path
+from mnist_pipeline.files import atomic_directory, atomic_path, write_json
 from mnist_pipeline.model import MODEL_FILE, PixelClassifier, save_checkpoint
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.prepared import load_meta
 from mnist_pipeline.training import (ResumeFile, compute_frozen_features, epoch_line, evaluate, keep_freed_memory, prepare,
                                      stopped_hint, train_epoch, use_threads)
 
-LIVE_DIR = Path("metrics/train")
+LIVE_DIR = Path("metrics/train")  # DVCLive's curves, and its metrics.json: the kept epoch and the last step
+METRICS_FILE = Path("metrics/train.json")  # the headline number, one row of `dvc metrics show`
 RESUME_FILE = Path("models/train_state.pt")  # the state after the last finished epoch; deleted once model.pt is written
 
 
@@ -63,10 +64,11 @@ def train_and_write(params: Params, worker: Worker) -> None:
     # DVCLive writes file by file: into a temp directory that replaces the last run's logs only if training ends.
     with atomic_directory(LIVE_DIR) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
         model, architecture, best = train(params, worker, functools.partial(log_epoch, live, params.train.epochs), RESUME_FILE)
-        # The summary (a row of `dvc metrics show`) is the kept epoch; the last epoch's numbers end the curves.
+        # DVCLive's summary is the kept epoch; the last epoch's numbers end the curves.
         live.summary = {"best": {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}}
     with atomic_path(MODEL_FILE) as temp:
         save_checkpoint(temp, model.network.to("cpu", memory_format=torch.contiguous_format), architecture, load_meta(), extra=best)
+    write_json(METRICS_FILE, {"val_accuracy": round(best["val_accuracy"], 6)})
     RESUME_FILE.unlink(missing_ok=True)
     print(f"kept epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}) in {MODEL_FILE}")
 
@@ -74,7 +76,7 @@ def train_and_write(params: Params, worker: Worker) -> None:
 def main() -> None:
     params = load_params()
     with stopped_hint(RESUME_FILE):
-        launch(train_and_write, params, outputs=(LIVE_DIR, MODEL_FILE, RESUME_FILE))
+        launch(train_and_write, params, outputs=(LIVE_DIR, MODEL_FILE, METRICS_FILE, RESUME_FILE))
 
 
 if __name__ == "__main__":

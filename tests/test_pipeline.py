@@ -143,8 +143,16 @@ def test_metrics_have_every_key_in_range(project):
     summary = json.loads((repo / "metrics/train/metrics.json").read_text())
     assert set(summary) == {"best", "step"}, "the kept epoch only: the last epoch's numbers are in the curves"
     assert 1 <= summary["best"]["epoch"] <= TINY_PARAMS["train"]["epochs"]
+    assert json.loads((repo / "metrics/train.json").read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
     for curve in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
         assert len((repo / f"metrics/train/plots/metrics/{curve}.tsv").read_text().splitlines()) == 1 + TINY_PARAMS["train"]["epochs"]
+
+
+def test_dvc_metrics_show_fits_a_120_column_terminal_with_the_headline_numbers(project):
+    repo, _ = project
+    table = run(["dvc", "metrics", "show"], repo).splitlines()
+    assert table[0].split() == ["Path", "accuracy", "int8_accuracy", "int8_agreement", "int8_reference_agreement", "val_accuracy"]
+    assert max(map(len, table)) <= 120, "\n".join(table)
 
 
 def test_onnx_model_answers_a_batch_of_seven_raw_images(project):
@@ -183,7 +191,7 @@ def test_forced_reruns_give_the_same_hashes_for_every_output(project):
     for _ in range(2):
         assert ran_stages(run(["dvc", "repro", "-f"], repo)) == STAGES
         assert out_hashes(repo) == first, "same params, same machine: same model, metrics and plots"
-    assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train/metrics.json"} <= set(first)
+    assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train.json"} <= set(first)
 
 
 def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(project):
@@ -227,7 +235,7 @@ def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_
 
 def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(project):
     repo, _ = project
-    kept = {path: (repo / path).read_bytes() for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train/metrics.json"]}
+    kept = {path: (repo / path).read_bytes() for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train.json"]}
     good_params = (repo / "params.yaml").read_text()
     update_params(repo / "params.yaml", {"train": {"dropout_rate": 0.5}})
     result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
@@ -237,7 +245,7 @@ def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(pro
     assert "Traceback" not in result.stdout + result.stderr
     # No out persists (that would turn the run-cache off), so DVC deleted train's outs before running it;
     # the stages after it did not run and kept theirs.
-    assert not (repo / "models/model.pt").exists() and not (repo / "metrics/train/metrics.json").exists()
+    assert not (repo / "models/model.pt").exists() and not (repo / "metrics/train.json").exists()
     assert (repo / "models/model.onnx").read_bytes() == kept["models/model.onnx"]
     run(["dvc", "checkout", "models/model.pt"], repo)
     assert (repo / "models/model.pt").read_bytes() == kept["models/model.pt"], "DVC's cache holds every earlier output"
@@ -317,7 +325,7 @@ def test_plots_show_and_diff_draw_every_plot_with_no_network(project):
 # Run-cache, remote storage, model registry and queued sweeps: each test starts from the last commit.
 
 ONE_EPOCH = {"epochs": 1, "seed": 7}  # train params no earlier test runs
-KEPT_OUTPUTS = ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train/metrics.json", "metrics/predictions.csv"]
+KEPT_OUTPUTS = ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train.json", "metrics/predictions.csv"]
 
 
 def reset_to_head(repo: Path) -> None:

@@ -52,6 +52,7 @@ def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
     train.main()
     assert (workdir / "models/model.pt").read_bytes() == first_bytes, "same params, same bytes: DVC sees no change"
     assert summary["best"]["epoch"] == first["epoch"] and summary["best"]["val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)
+    assert json.loads((workdir / train.METRICS_FILE).read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
     curve = (workdir / "metrics/train/plots/metrics/val/accuracy.tsv").read_text().splitlines()
     assert len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
     best_from_curve = max(float(line.split("\t")[1]) for line in curve[1:])
