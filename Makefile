@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test bench check-int8 plots-template clean-venv
+.PHONY: repro test bench compare check-int8 plots-template clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ repro: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+# Experiments side by side, best validation accuracy first: the accuracies and the params that differ between them.
+compare: $(VENV)/.installed
+	$(BIN)/dvc exp show --no-pager --only-changed --sort-by val_accuracy --sort-order desc \
+		--drop 'Created|metrics/export.json:accuracy|int8_|^models/|^data/|\.py$$'
 
 # The pipeline first (MNIST_PIPELINE_MIRRORS names a local copy of MNIST), then the benchmark on its data.
 bench: repro
