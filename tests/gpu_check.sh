@@ -16,7 +16,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'erro
 
 # train.device and evaluate.device are `auto`, so every stage that can use the GPU does.
 time dvc repro
-grep -E '"(accuracy|device)"' metrics/eval.json
+grep -E '"(accuracy|device)"' metrics/eval_details.json
 python tests/benchmark.py --device cuda
 
 # 1 GPU without torch.distributed, 1 NCCL process, and one NCCL process per visible GPU (when there are several):
@@ -24,4 +24,4 @@ python tests/benchmark.py --device cuda
 python tests/benchmark.py --device cuda --processes
 # The stage as dvc runs it, on every GPU: its workers started through torch's elastic launcher, rank 0 writing.
 dvc exp run -S train.processes=auto
-grep -E '"(accuracy|device)"' metrics/eval.json
+grep -E '"(accuracy|device)"' metrics/eval_details.json
