@@ -190,7 +190,7 @@ def test_a_worker_killed_mid_run_is_one_line_and_a_rerun_resumes_to_the_same_byt
 
     resumed = trained(work)
     assert f"epochs 1-{epochs_done} of {EQUIVALENT['train']['epochs']} already done" in resumed.stdout
-    for path in ["models/model.pt", *[str(p.relative_to(uninterrupted)) for p in (uninterrupted / "metrics/train").rglob("*.*")]]:
+    for path in ["models/model.pt", "metrics/train.json", *[str(p.relative_to(uninterrupted)) for p in (uninterrupted / "metrics/train").rglob("*.*")]]:
         assert (work / path).read_bytes() == (uninterrupted / path).read_bytes(), path
     assert not state.exists()
 
