@@ -443,9 +443,9 @@ def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ra
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=clone, env=command_env(), capture_output=True)
     assert status.count("Success") == 2, status
-    table = run(["dvc", "exp", "show", "--csv", "--sort-by", "accuracy", "--sort-order", "desc",
-                 "--drop", ".*", "--keep", "^Experiment$|^accuracy$|^train.lr$"], clone)
+    table = run(["dvc", "exp", "show", "--csv", "--sort-by", "val_accuracy", "--sort-order", "desc",
+                 "--drop", ".*", "--keep", "^Experiment$|^val_accuracy$|^train.lr$"], clone)
     rows = [row for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]]
     assert sorted(float(row["train.lr"]) for row in rows) == [0.02, 0.03], table
-    accuracies = [float(row["accuracy"]) for row in rows]
+    accuracies = [float(row["val_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True), table
