@@ -17,6 +17,7 @@ from mnist_pipeline.params import ExportParams
 REFERENCE_OPSET = 19  # the first opset whose DequantizeLinear onnx's reference evaluator implements
 REFERENCE_IMAGES = 500  # test images the export stage checks, about 4 s on 2 cores; `make check-int8` checks all
 REFERENCE_BATCH = 100
+TIE_STEPS = 4  # logit quantisation steps within which the reference's two classes count as a near tie
 # onnx_export.INT8_SETTINGS says why: 7-bit weights keep a pair of uint8 * int8 products within 16 bits on CPUs
 # without VNNI, and each output channel's sum must fit the kernels' 32-bit accumulators.
 WEIGHT_LIMIT, ACTIVATION_LIMIT, ACCUMULATOR_LIMIT = 64, 255, 2**31 - 1
@@ -57,28 +58,55 @@ def weight_bound_problem(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def reference_classes(model: onnx.ModelProto, pixels: np.ndarray) -> np.ndarray:
-    """The class onnx's reference evaluator computes for each image, from a copy of the model converted to
+def reference_logits(model: onnx.ModelProto, pixels: np.ndarray) -> np.ndarray:
+    """The logits onnx's reference evaluator computes for each image, from a copy of the model converted to
     REFERENCE_OPSET if older (opset 19 changes no operator's meaning for these models, it adds types)."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset < REFERENCE_OPSET:
         model = onnx.version_converter.convert_version(model, REFERENCE_OPSET)
     evaluator = ReferenceEvaluator(model)
     starts = range(0, len(pixels), REFERENCE_BATCH)
-    return np.concatenate([evaluator.run([LOGITS], {INPUT_NAME: pixels[i : i + REFERENCE_BATCH]})[0].argmax(1) for i in starts])
+    return np.concatenate([evaluator.run([LOGITS], {INPUT_NAME: pixels[i : i + REFERENCE_BATCH]})[0] for i in starts])
 
 
-def reference_problem(model: onnx.ModelProto, pixels: np.ndarray, classes: np.ndarray) -> str | None:
-    """Why the classes onnxruntime computed on this CPU for `pixels` cannot be trusted on every CPU, or None."""
+def reference_classes(model: onnx.ModelProto, pixels: np.ndarray) -> np.ndarray:
+    return reference_logits(model, pixels).argmax(1)
+
+
+def logit_step(model: onnx.ModelProto) -> float:
+    """The quantisation step of the model's logits: the scale of the DequantizeLinear that outputs them (0 if none)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    stored = {tensor.name: tensor for tensor in model.graph.initializer}
+    node = producers.get(LOGITS)
+    if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in stored:
+        return 0.0
+    return float(numpy_helper.to_array(stored[node.input[1]]))
+
+
+def compare_with_reference(model: onnx.ModelProto, pixels: np.ndarray, logits: np.ndarray) -> tuple[float, str | None]:
+    """The share of `pixels` on which onnxruntime's `logits` (from this CPU) give the reference evaluator's class,
+    and why they cannot be trusted on every CPU, or None.
+
+    The reference computes each quantised operator in float32 (dequantise, operate, quantise), the kernels in
+    integers; their roundings may differ by a step per layer, which in a deep network (ResNet-18) can flip a near
+    tie. So a different class is a fault only where the reference's logits for the two classes lie more than
+    TIE_STEPS quantisation steps apart. A saturated sum is off by far more: thousands of steps.
+    """
     problem = weight_bound_problem(model)
     if problem:
-        return problem
-    mismatched = np.flatnonzero(reference_classes(model, pixels) != classes)
-    if len(mismatched):
-        return (f"its classes in onnxruntime on this CPU ({this_cpu().describe()}) differ from onnx's reference "
-                f"evaluator's for {len(mismatched)} of {len(pixels)} images checked: its integer kernels here do "
-                f"not compute what the file defines")
-    return None
+        return 0.0, problem
+    expected = reference_logits(model, pixels)
+    classes, reference = logits.argmax(1), expected.argmax(1)
+    rows = np.arange(len(pixels))
+    margins = expected[rows, reference] - expected[rows, classes]
+    faults = int((margins > TIE_STEPS * logit_step(model)).sum())
+    agreement = float((classes == reference).mean())
+    if faults:
+        return agreement, (
+            f"its classes in onnxruntime on this CPU ({this_cpu().describe()}) differ from onnx's reference "
+            f"evaluator's for {faults} of {len(pixels)} images checked, beyond a near tie: its integer kernels here "
+            f"do not compute what the file defines")
+    return agreement, None
 
 
 def reference_sample(count: int, total: int, seed: int) -> np.ndarray:
@@ -100,7 +128,7 @@ def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: 
         )
     sample = reference_sample(REFERENCE_IMAGES, len(pixels), params.seed)
     try:
-        problem = reference_problem(onnx.load(path), pixels[sample], logits[sample].argmax(1))
+        agreement, problem = compare_with_reference(onnx.load(path), pixels[sample], logits[sample])
     except Exception as error:  # onnx's converter and evaluator raise whatever their operators raise
         raise PipelineError(f"onnx's reference evaluator cannot run the int8 model ({gist(error)}); {not_written}") from None
     if problem:
@@ -109,5 +137,5 @@ def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: 
         "int8_accuracy": round(int8_accuracy, 4),
         "int8_agreement": round(float((logits.argmax(1) == fp32_logits.argmax(1)).mean()), 4),
         "int8_reference_images": len(sample),
-        "int8_reference_agreement": 1.0,  # any difference fails the stage
+        "int8_reference_agreement": round(agreement, 4),  # below 1 only by near ties: anything else fails the stage
     }

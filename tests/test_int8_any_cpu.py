@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import REPO_ROOT
-from mnist_pipeline import onnx_export
-from mnist_pipeline.int8_verification import reference_problem, weight_bound_problem
+from mnist_pipeline import int8_verification, onnx_export
+from mnist_pipeline.int8_verification import compare_with_reference, weight_bound_problem
 
 QEMU = shutil.which("qemu-x86_64")
 LAYERS = ("Gemm", "Conv")  # onnxruntime's QGEMM and its convolution kernels, both u8 * s8 on x86
@@ -96,9 +96,9 @@ def test_on_this_cpu_onnxruntime_matches_the_reference(models):
     pixels = np.load(models / "pixels.npy")
     for layer in LAYERS:
         path = models / f"{layer}.int8.onnx"
-        classes = onnx_outputs(path, pixels)[0].argmax(1)
-        assert reference_problem(onnx.load(path), pixels, classes) is None
-        assert (classes == 0).all(), "the float model's class for every image"
+        logits = onnx_outputs(path, pixels)[0]
+        assert compare_with_reference(onnx.load(path), pixels, logits) == (1.0, None)
+        assert (logits.argmax(1) == 0).all(), "the float model's class for every image"
 
 
 # Run under qemu: onnxruntime's and the reference evaluator's classes for each model, as mismatch counts.
@@ -134,3 +134,20 @@ def test_on_an_emulated_avx2_cpu_the_int8_model_matches_the_reference(models):
     assert counts == {
         "Conv.8-bit.onnx": 32, "Gemm.8-bit.onnx": 32, "Conv.int8.onnx": 0, "Gemm.int8.onnx": 0,
     }, "8-bit weights saturate on AVX2 (every image), 7-bit ones never"
+
+
+def test_a_near_tie_with_the_reference_is_no_fault_but_a_clear_difference_is(models, monkeypatch):
+    """The reference rounds in float32 where the kernels round in integers, a step at most per layer: classes that
+    the reference puts within TIE_STEPS logit steps of each other may flip, any further apart may not."""
+    model = onnx.load(models / "Gemm.int8.onnx")
+    step = int8_verification.logit_step(model)
+    assert step > 0
+    ours = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    near_tie = np.array([[0.0, (int8_verification.TIE_STEPS - 1) * step, 0.0]])
+    clear = np.array([[0.0, (int8_verification.TIE_STEPS + 1) * step, 0.0]])
+    for reference, expected_faults in [(np.concatenate([near_tie, near_tie]), 0), (np.concatenate([near_tie, clear]), 1)]:
+        monkeypatch.setattr(int8_verification, "reference_logits", lambda model, pixels, reference=reference: reference)
+        agreement, problem = int8_verification.compare_with_reference(model, np.zeros((2, 1, 28, 28), np.uint8), ours)
+        assert agreement == 0.0
+        assert (problem is None) == (expected_faults == 0), problem
+        assert expected_faults == 0 or f"for {expected_faults} of 2 images checked, beyond a near tie" in problem
