@@ -115,10 +115,10 @@ def reference_sample(count: int, total: int, seed: int) -> np.ndarray:
 
 
 def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray, pixels: np.ndarray,
-               params: ExportParams, not_written: str) -> dict:
-    """The int8 model's metrics, once it loses at most export.int8_max_accuracy_drop of the fp32 model's test
-    accuracy and onnxruntime's `logits` give the reference evaluator's classes on a seeded sample of the test
-    images; else a PipelineError ending with `not_written`."""
+               params: ExportParams, not_written: str) -> tuple[dict, int]:
+    """The int8 model's metrics and how many test images the reference evaluator checked, once the model loses at
+    most export.int8_max_accuracy_drop of the fp32 model's test accuracy and onnxruntime's `logits` give the
+    reference's classes on a seeded sample of the test images; else a PipelineError ending with `not_written`."""
     accuracy, int8_accuracy = (float((scores.argmax(1) == labels).mean()) for scores in (fp32_logits, logits))
     if accuracy - int8_accuracy > params.int8_max_accuracy_drop:
         raise PipelineError(
@@ -133,9 +133,9 @@ def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: 
         raise PipelineError(f"onnx's reference evaluator cannot run the int8 model ({gist(error)}); {not_written}") from None
     if problem:
         raise PipelineError(f"the int8 model's answers depend on the CPU: {problem}; {not_written}")
-    return {
+    metrics = {
         "int8_accuracy": round(int8_accuracy, 4),
         "int8_agreement": round(float((logits.argmax(1) == fp32_logits.argmax(1)).mean()), 4),
-        "int8_reference_images": len(sample),
         "int8_reference_agreement": round(agreement, 4),  # below 1 only by near ties: anything else fails the stage
     }
+    return metrics, len(sample)

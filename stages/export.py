@@ -46,8 +46,7 @@ def main() -> None:
                 if disk_fault(error):
                     raise  # a full disk is no quantisation problem: run_stage names the file
                 raise PipelineError(f"onnxruntime cannot quantise the model to int8 ({gist(error)}); {not_written}") from None
-            int8 = check_int8(temp_int8, int8_logits, exported, labels, pixels, params, not_written)
-            int8_checked = int8.pop("int8_reference_images")
+            int8, int8_checked = check_int8(temp_int8, int8_logits, exported, labels, pixels, params, not_written)
             size, int8_size = temp.stat().st_size, temp_int8.stat().st_size
 
     metrics = {"accuracy": round(float((exported.argmax(1) == labels).mean()), 4), **int8}
