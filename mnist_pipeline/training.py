@@ -104,6 +104,12 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
+def cuda_has_native_bf16() -> bool:
+    """Whether the GPU computes bf16 natively (Ampere and newer). torch's is_bf16_supported() also answers yes
+    where bf16 is only emulated (a T4, a V100), which is slower than fp16 with loss scaling."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torch.dtype | None:
     """The autocast precision train.mixed_precision asks for on this device, or None for fp32.
 
@@ -115,7 +121,7 @@ def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torc
     """
     if device.type == "cuda":
         wanted = mixed_precision in ("auto", "always")
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if wanted else None
+        return (torch.bfloat16 if cuda_has_native_bf16() else torch.float16) if wanted else None
     if mixed_precision != "always":
         return None
     if not cpu.native_bf16:
@@ -128,7 +134,8 @@ def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.auto
     """Mixed precision as autocast_dtype picks it; fp16 comes with loss scaling. Weights, optimiser state and the
     saved model stay fp32 either way."""
     dtype = autocast_dtype(device, mixed_precision, this_cpu())
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    # No cache of cast weights: it would outlive a CUDA graph's capture, and each step casts each weight once anyway.
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from stages import train  # noqa: E402
 from mnist_pipeline.cpu import this_cpu  # noqa: E402
-from mnist_pipeline.training import keep_freed_memory, use_threads  # noqa: E402
+from mnist_pipeline.training import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
 from mnist_pipeline.distributed import Worker, launch, start_workers  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
 from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
@@ -196,7 +196,7 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
 def fastest_precision(device: torch.device) -> tuple[str, str, str]:
     """The fastest honest precision here: its name, the train.mixed_precision that gives it, and why."""
     if device.type == "cuda":
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        name = "bf16" if cuda_has_native_bf16() else "fp16"
         return name, "auto", f"CUDA {'has' if name == 'bf16' else 'lacks'} bf16"
     if this_cpu().native_bf16:
         return "bf16", "always", "this CPU computes bf16 natively"

@@ -6,7 +6,7 @@ import torch
 
 from mnist_pipeline import cpu
 from mnist_pipeline.cpu import Cpu, parse_cpuinfo
-from mnist_pipeline.training import autocast_dtype
+from mnist_pipeline.training import autocast_dtype, autocast_for
 
 EPYC_MILAN = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -66,8 +66,22 @@ def test_always_on_a_cpu_without_native_bf16_warns_in_one_line(capsys):
     assert "emulated" in warning and warning.count("\n") == 1
 
 
-@pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_cuda_keeps_mixed_precision_whatever_the_cpu(monkeypatch, has_bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: has_bf16)
+def gpu(native_bf16: bool):
+    """torch.cuda.is_bf16_supported as torch answers it on a GPU with or without native bf16: a T4 or V100 emulates
+    bf16, and says yes unless asked about native support alone."""
+    return lambda including_emulation=True: native_bf16 or including_emulation
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_keeps_mixed_precision_whatever_the_cpu(monkeypatch, native_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(native_bf16))
     assert autocast_dtype(torch.device("cuda"), "auto", AVX2_ONLY) == expected
     assert autocast_dtype(torch.device("cuda"), "never", NATIVE_BF16) is None
+
+
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp16_with_loss_scaling(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(native_bf16=False))
+    scalers = []
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scalers.append((device, enabled)))
+    autocast, _ = autocast_for(torch.device("cuda"), "auto")
+    assert autocast.fast_dtype == torch.float16 and scalers == [("cuda", True)]
