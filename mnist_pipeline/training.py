@@ -321,15 +321,33 @@ def compute_frozen_features(run: Run) -> None:
           f"in {time.perf_counter() - started:.1f}s")
 
 
-def run_fingerprint(params: Params, run: Run) -> str:
-    """What a resumed run must share with the run that saved its state: params, processes and threads, training
-    data and pretrained weights."""
-    counts = [torch.get_num_threads(), run.worker.world_size]
-    digest = hashlib.sha256(json.dumps([params.model.model_dump(), params.train.model_dump(), *counts]).encode())
-    digest.update(run.train_inputs.cpu().numpy().tobytes())
-    if run.weights is not None:
-        digest.update(file_sha256(run.weights).encode())
+def code_digest(files: list[Path]) -> str:
+    """The SHA-256 of the training code: the given files, and every module of this package."""
+    digest = hashlib.sha256()
+    for path in [*files, *sorted(Path(__file__).parent.glob("*.py"))]:
+        digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def run_origin(params: Params, run: Run, code_files: list[Path]) -> dict[str, str]:
+    """What a resumed run must share with the run that saved its state, by name: params, processes and threads,
+    the device type (a CPU's random generator state cannot drive a GPU's), training data with pretrained
+    weights, and the code (dvc.lock would record edited code beside epochs the old code trained)."""
+    data = hashlib.sha256(run.train_inputs.cpu().numpy().tobytes())
+    if run.weights is not None:
+        data.update(file_sha256(run.weights).encode())
+    settings = json.dumps([params.model.model_dump(), params.train.model_dump()])
+    return {"params": hashlib.sha256(settings.encode()).hexdigest(),
+            "processes and threads": f"{run.worker.world_size} x {torch.get_num_threads()}",
+            "device": run.device.type, "data": data.hexdigest(), "code": code_digest(code_files)}
+
+
+def origin_difference(saved: dict, origin: dict) -> str:
+    """How a saved state's origin differs from this run's, in words: "other params", "device cuda, not cpu"."""
+    def difference(name: str) -> str:
+        shown = name in ("device", "processes and threads")
+        return f"{name} {saved.get(name)}, not {origin[name]}" if shown else f"other {name}"
+    return ", ".join(difference(name) for name in origin if saved.get(name) != origin[name])
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:
@@ -345,8 +363,9 @@ def set_rng_states(states: dict, generator: torch.Generator, device: torch.devic
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def load_resume_state(path: Path, fingerprint: str) -> dict | None:
-    """The saved state of an interrupted run with the same fingerprint; anything else is reported and ignored."""
+def load_resume_state(path: Path, origin: dict) -> dict | None:
+    """The saved state of an interrupted run of the same origin; anything else is reported in one line and
+    ignored, and the next epoch's save replaces it."""
     if not path.exists():
         return None
     try:
@@ -354,8 +373,10 @@ def load_resume_state(path: Path, fingerprint: str) -> dict | None:
     except Exception as error:  # a damaged file costs a fresh start, not the run
         print(f"ignoring {path}: not a readable training state ({gist(error)}); starting from epoch 1")
         return None
-    if state.get("fingerprint") != fingerprint:
-        print(f"ignoring {path}: it comes from other params, threads or data; starting from epoch 1")
+    saved_origin = state.get("origin")  # absent from the files of this code's earlier versions
+    differences = origin_difference(saved_origin, origin) if isinstance(saved_origin, dict) else "other code"
+    if differences:
+        print(f"ignoring {path}: it comes from a run with {differences}; starting from epoch 1")
         return None
     return state
 
@@ -365,21 +386,21 @@ class ResumeFile:
     the same results; a path of None saves and resumes nothing. Only the first worker reads and writes the file:
     the others get its contents from it, and send it their random generators' states."""
 
-    def __init__(self, path: Path | None, params: Params, run: Run):
-        self.path, self.fingerprint, self.epochs = path, "", params.train.epochs
+    def __init__(self, path: Path | None, params: Params, run: Run, code_files: list[Path] = ()):
+        self.path, self.origin, self.epochs = path, {}, params.train.epochs
         if path is not None and run.worker.writes:
             # It holds the weights, the best epoch's weights and up to two optimiser moments per weight, and
             # model.pt the weights once more: checked before the first epoch rather than found out after it.
             weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in run.model.state_dict().values())
             require_free_space(path.parent, 5 * weight_bytes, "train")
-            self.fingerprint = run_fingerprint(params, run)
+            self.origin = run_origin(params, run, list(code_files))
 
     def load(self, run: Run, on_epoch: Callable[[dict, PixelClassifier], None]) -> tuple[dict, list[dict]]:
         """The best epoch and the results of the epochs done, loaded into the run, and those results replayed to
         on_epoch, so that the logs hold every epoch; none for a fresh run."""
         if self.path is None:
             return {"val_accuracy": -1.0}, []
-        saved = run.worker.object_from_first(load_resume_state(self.path, self.fingerprint) if run.worker.writes else None)
+        saved = run.worker.object_from_first(load_resume_state(self.path, self.origin) if run.worker.writes else None)
         if not saved:
             return {"val_accuracy": -1.0}, []
         for name, part in run.resumable().items():
@@ -399,7 +420,7 @@ class ResumeFile:
         # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
         with atomic_path(self.path) as temp, temp.open("wb") as out:
             parts = {name: part.state_dict() for name, part in run.resumable().items()}
-            state = {"fingerprint": self.fingerprint, "history": history, "best": best, "rng": rng}
+            state = {"origin": self.origin, "history": history, "best": best, "rng": rng}
             torch.save({**state, **parts}, out)
 
 

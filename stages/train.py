@@ -26,11 +26,11 @@ RESUME_FILE = Path("models/train_state.pt")  # the state after the last finished
 def train(params: Params, worker: Worker, on_epoch: Callable[[dict, PixelClassifier], None],
           resume_file: Path | None = None, cache_features: bool = True) -> tuple[PixelClassifier, dict, dict]:
     """Fit a new model; after each epoch, on_epoch gets its losses, accuracies and seconds, and the model. With
-    resume_file, a run with the same fingerprint carries on from the state saved there after each epoch."""
+    resume_file, a run of the same origin (params, device, data, code) carries on from the state saved there after each epoch."""
     torch.manual_seed(params.train.seed)
     run = prepare(params, worker, cache_features)
     print(run.summary())
-    state = ResumeFile(resume_file, params, run)
+    state = ResumeFile(resume_file, params, run, code_files=[Path(__file__)])
     best, history = state.load(run, on_epoch)
     if len(history) < params.train.epochs:
         compute_frozen_features(run)

@@ -193,7 +193,7 @@ def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resum
     update_params(resumable_workdir / "params.yaml", {"train": {"lr": RESUMABLE_PARAMS["train"]["lr"]}})
     capsys.readouterr()
     train.main()
-    assert "comes from other params, threads or data; starting from epoch 1" in capsys.readouterr().out
+    assert "comes from a run with other params; starting from epoch 1" in capsys.readouterr().out
     assert train_outputs(resumable_workdir) == fresh
 
     (resumable_workdir / train.RESUME_FILE).write_bytes(b"not a checkpoint")
@@ -233,3 +233,48 @@ def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_ste
     steps_per_epoch = -(-340 // 16)
     assert steps_per_epoch > 20
     assert 0 < len(reads) <= 6 * params.train.epochs, "a handful of reads per epoch (its totals and validation)"
+
+
+def interrupted_state(workdir, monkeypatch) -> dict:
+    """The training state a run leaves when Ctrl-C stops it in its third epoch, loaded."""
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_in_epoch(patch, 3)
+        train.main()
+    return torch.load(workdir / train.RESUME_FILE, weights_only=True)
+
+
+def test_a_training_state_from_another_device_is_reported_and_not_resumed(resumable_workdir, monkeypatch, capsys):
+    """A CPU's random generator state would crash a CUDA generator, and the other way round: a state saved on
+    another device starts a fresh run, which then replaces the file."""
+    train.main()
+    fresh = train_outputs(resumable_workdir)
+    state = interrupted_state(resumable_workdir, monkeypatch)
+    assert state["origin"]["device"] == "cpu"
+    state["origin"]["device"] = "cuda"
+    torch.save(state, resumable_workdir / train.RESUME_FILE)
+    capsys.readouterr()
+    train.main()
+    output = capsys.readouterr().out
+    assert f"ignoring {train.RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n" in output
+    assert "resuming" not in output and train_outputs(resumable_workdir) == fresh
+
+
+def test_a_training_state_saved_by_other_code_is_reported_and_not_resumed(resumable_workdir, monkeypatch, capsys):
+    """Kill training, edit the code, rerun: dvc.lock records the new code, so the epochs must be the new code's."""
+    train.main()
+    fresh = train_outputs(resumable_workdir)
+    interrupted_state(resumable_workdir, monkeypatch)
+    monkeypatch.setattr(training, "code_digest", lambda files: "the digest of edited code")
+    capsys.readouterr()
+    train.main()
+    assert "comes from a run with other code; starting from epoch 1" in capsys.readouterr().out
+    assert train_outputs(resumable_workdir) == fresh
+
+
+def test_the_code_digest_covers_the_given_files_and_the_package(tmp_path):
+    stage = tmp_path / "train.py"
+    stage.write_text("print('one')\n")
+    before = training.code_digest([stage])
+    stage.write_text("print('two')\n")
+    assert training.code_digest([stage]) != before
+    assert training.code_digest([]) != training.code_digest([stage])
