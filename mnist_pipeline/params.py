@@ -175,6 +175,7 @@ class TrainParams(Section):
         Annotated[int, Field(ge=1)] | Literal["auto"], Field(description="an integer >= 1, or auto (one per visible GPU)")
     ]
     compile: bool
+    cuda_graphs: bool
     seed: Annotated[int, Field(ge=0)]
     epochs: Annotated[int, Field(ge=1, le=1000)]
     batch_size: Annotated[int, Field(ge=1, le=65536)]

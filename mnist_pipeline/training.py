@@ -5,6 +5,7 @@ the state a killed run resumes from. Process-wide tuning is here too, for a stag
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
 from mnist_pipeline.cpu import Cpu, this_cpu
+from mnist_pipeline.cuda_graphs import CapturedSteps
 from mnist_pipeline.distributed import Worker, sync_batch_norm
 from mnist_pipeline.download import file_sha256
 from mnist_pipeline.errors import gist
@@ -76,8 +78,10 @@ def build_for_training(model_params: ModelParams, meta: dict, weights: Path | No
     return model.to(device, memory_format=torch.channels_last), architecture
 
 
-def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The optimiser of the parameters that train: a frozen backbone's are not among them."""
+def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimiser of the parameters that train: a frozen backbone's are not among them. A capturable one (Adam
+    and AdamW only) keeps its step count and learning rate in GPU tensors, which a CUDA graph reads at each replay
+    and the schedule changes in place."""
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if params.optimizer == "sgd":
         return torch.optim.SGD(
@@ -86,10 +90,11 @@ def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.de
     optimizer = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
     return optimizer(
         trainable,
-        lr=params.lr,
+        lr=torch.tensor(params.lr, device=device) if capturable else params.lr,
         betas=tuple(params.betas),
         weight_decay=params.weight_decay,
         fused=device.type == "cuda",  # one kernel for every parameter's update instead of several per tensor
+        capturable=capturable,
     )
 
 
@@ -161,7 +166,9 @@ class Run:
     weights: Path | None  # the pretrained weights file the model started from
     cache_features: bool  # whether the frozen backbone's features are computed once instead of every step
     worker: Worker
+    graph_blocker: str  # why the steps are not captured as CUDA graphs ("" where they can be)
     layout: torch.memory_format = torch.channels_last  # of the inputs the steps feed
+    step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # one training step, as prepare_steps sets it
 
     @property
     def device(self) -> torch.device:
@@ -249,14 +256,64 @@ def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
     backbone = frozen_backbone(model, architecture)
     cached = backbone is not None and not augments(params.train) and cache_features
     trained = output_layer(model, architecture) if cached else model
-    optimizer = make_optimizer(params.train, model, device)
+    blocker = graph_blocker(params, worker)
+    optimizer = make_optimizer(params.train, model, device, capturable=not blocker)
     steps_per_epoch = -(-len(train_labels) // params.train.batch_size)
     schedule = make_schedule(params.train, optimizer, params.train.epochs * steps_per_epoch)
+    if not blocker and not torch.is_tensor(optimizer.param_groups[0]["lr"]):
+        blocker = f"torch {torch.__version__}'s schedules replace the learning-rate tensor that a graph reads"
     autocast, scaler = autocast_for(device, params.train.mixed_precision)
     step_model = worker.wrap(trained)
     step_model = torch.compile(step_model) if params.train.compile else step_model
     return Run(model, architecture, trained, step_model, backbone, optimizer, schedule, autocast, scaler, generator,
-               train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached, worker)
+               train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached, worker, blocker)
+
+
+def training_step(run: Run, params: TrainParams, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step on the given rows of the training set: its loss, logits and labels (this worker's)."""
+    mine = run.worker.share(batch)  # all of it, for one process
+    inputs, labels = augment(run.train_inputs[mine], params, run.generator), run.train_labels[mine]
+    with run.autocast:
+        logits = run.step_model(inputs.contiguous(memory_format=run.layout))
+        loss = batch_loss(logits, labels, params.label_smoothing, len(batch), run.worker)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss, logits, labels
+
+
+def graph_blocker(params: Params, worker: Worker) -> str:
+    """Why training steps with these params cannot be captured as CUDA graphs, or "" where they can: a graph
+    replays the same kernels on the same tensors, so its step may draw no random numbers and read nothing back."""
+    train = params.train
+    if not train.cuda_graphs or worker.device.type != "cuda":
+        return "not on CUDA" if train.cuda_graphs else "train.cuda_graphs is false"
+    fp16 = autocast_dtype(worker.device, train.mixed_precision, this_cpu()) == torch.float16
+    reasons = {
+        "several processes": worker.distributed,
+        "train.compile is true": train.compile,
+        f"train.optimizer is {train.optimizer}; adam and adamw are captured": train.optimizer == "sgd",
+        "fp16's loss scaling reads back whether the gradients are finite": fp16,
+        "the step draws random numbers: train's augmentation": augments(train),
+        "the step draws random numbers: model.dropout": params.model.arch == "cnn" and params.model.dropout > 0,
+    }
+    return next((reason for reason, blocks in reasons.items() if blocks), "")
+
+
+def prepare_steps(run: Run, params: TrainParams) -> None:
+    """Make run.step: training_step, captured as CUDA graphs where graph_blocker allows it. Call it once the
+    training inputs are final (after compute_frozen_features), since the graphs hold their address."""
+    eager = functools.partial(training_step, run, params)
+    run.step = eager
+    if run.graph_blocker:
+        if run.device.type == "cuda" and params.cuda_graphs:
+            print(f"CUDA graphs: off ({run.graph_blocker}); the steps run eagerly")
+        return
+    sizes = {min(params.batch_size, len(run.train_labels)), len(run.train_labels) % params.batch_size} - {0}
+    run.step = CapturedSteps(eager, sizes, run.model, run.optimizer)
+    print(f"CUDA graphs: each step replays one graph, captured in {run.step.seconds:.2f}s for batch sizes "
+          f"{', '.join(map(str, sorted(sizes)))}")
 
 
 def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float, float]:
@@ -266,15 +323,7 @@ def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float
     order, totals = run.epoch_order(), EpochTotals(run.worker)
     for step in tqdm(range(run.steps_per_epoch), desc=label, disable=None if run.worker.writes else True, leave=False):
         batch = order[step * params.batch_size : (step + 1) * params.batch_size]
-        mine = run.worker.share(batch)  # all of it, for one process
-        inputs, labels = augment(run.train_inputs[mine], params, run.generator), run.train_labels[mine]
-        with run.autocast:
-            logits = run.step_model(inputs.contiguous(memory_format=run.layout))
-            loss = batch_loss(logits, labels, params.label_smoothing, len(batch), run.worker)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        loss, logits, labels = run.step(batch)
         run.schedule.step()
         totals.add(loss, logits, labels, len(batch))
     return *totals.means(), time.perf_counter() - started

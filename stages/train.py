@@ -16,7 +16,7 @@ from mnist_pipeline.model import MODEL_FILE, PixelClassifier, save_checkpoint
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.prepared import load_meta
 from mnist_pipeline.training import (ResumeFile, compute_frozen_features, epoch_line, evaluate, keep_freed_memory, prepare,
-                                     stopped_hint, train_epoch, use_threads)
+                                     prepare_steps, stopped_hint, train_epoch, use_threads)
 
 LIVE_DIR = Path("metrics/train")  # DVCLive's curves, and its metrics.json: the kept epoch and the last step
 METRICS_FILE = Path("metrics/train.json")  # the headline number, one row of `dvc metrics show`
@@ -34,6 +34,7 @@ def train(params: Params, worker: Worker, on_epoch: Callable[[dict, PixelClassif
     best, history = state.load(run, on_epoch)
     if len(history) < params.train.epochs:
         compute_frozen_features(run)
+        prepare_steps(run, params.train)
     for epoch in range(len(history) + 1, params.train.epochs + 1):
         train_loss, train_accuracy, seconds = train_epoch(run, params.train, f"epoch {epoch}/{params.train.epochs}")
         val_loss, val_accuracy = evaluate(run.trained, run.val_inputs, run.val_labels, worker)
