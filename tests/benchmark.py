@@ -396,29 +396,57 @@ def best_preset(params, device: str) -> TrainingRun:
             os.chdir(REPO_ROOT)
 
 
+class WallClock:
+    """Marks in host seconds: right for gloo, whose all-reduce has ended when its future completes."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+
+class CudaClock:
+    """Marks as CUDA events on the current stream, read once the device is done. NCCL reduces on a stream of its
+    own, and a future's callback may run before those kernels end; torch runs the callback with a current stream
+    that waits for them, so an event recorded there marks the true end."""
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+
 class AllReduceTimer:
     """A DDP communication hook that does what DDP's default one does (each gradient bucket averaged over the
     workers by an all-reduce) and adds up the seconds from each bucket's start to the end of its all-reduce: the
     wait for the other workers to reach that bucket included, and overlapped with the rest of the backward pass."""
 
-    def __init__(self):
+    def __init__(self, clock: WallClock | CudaClock):
+        self.clock = clock
         self.take()
 
     def hook(self, state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        started = time.perf_counter()
+        started = self.clock.mark()
         gradients = bucket.buffer().div_(dist.get_world_size())
         self.calls, self.bytes = self.calls + 1, self.bytes + gradients.numel() * gradients.element_size()
 
         def finished(future: torch.futures.Future) -> torch.Tensor:
-            self.seconds += time.perf_counter() - started
+            self.spans.append((started, self.clock.mark()))
             return future.value()[0]
 
         return dist.all_reduce(gradients, async_op=True).get_future().then(finished)
 
     def take(self) -> dict:
         """The totals since the last take."""
-        totals = {key: getattr(self, key, 0) for key in ["seconds", "calls", "bytes"]}
-        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        spans = getattr(self, "spans", [])
+        totals = {"seconds": sum(self.clock.seconds(*span) for span in spans), "calls": getattr(self, "calls", 0),
+                  "bytes": getattr(self, "bytes", 0)}
+        self.spans, self.calls, self.bytes = [], 0, 0
         return totals
 
 
@@ -426,7 +454,7 @@ def timed_worker(params, worker: Worker) -> dict:
     """One worker process of a data-parallel run: it trains as the stage does, DDP's all-reduce timed; its epochs."""
     keep_freed_memory()
     use_threads(worker.threads)
-    timer = AllReduceTimer()
+    timer = AllReduceTimer(CudaClock() if worker.device.type == "cuda" else WallClock())
     if worker.distributed:  # in this worker process only: the DDP module that the training code builds gets the timer
         wrap = Worker.wrap
         Worker.wrap = lambda self, module: with_comm_hook(wrap(self, module), timer)

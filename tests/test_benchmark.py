@@ -1,8 +1,11 @@
 """The benchmark's measuring code, run on tiny synthetic data so that `make bench` cannot rot unnoticed."""
 
+import time
+
 import benchmark
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import export, preprocess, train
@@ -52,3 +55,34 @@ def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(
 def test_the_fast_recipe_trains_in_bf16_only_where_the_cpu_has_it(monkeypatch, machine, precision):
     monkeypatch.setattr(benchmark, "this_cpu", lambda: machine)
     assert benchmark.fastest_precision(torch.device("cpu"))[0] == precision
+
+
+class RecordingClock(benchmark.WallClock):
+    """Host seconds, noting for each mark whether the all-reduce it may end has finished."""
+
+    def __init__(self):
+        self.marks = []
+
+    def mark(self) -> float:
+        self.marks.append(time.perf_counter())
+        return self.marks[-1]
+
+
+def test_the_all_reduce_timer_marks_each_bucket_from_its_start_to_the_end_of_its_reduction():
+    """CUDA events replace the host clock on a GPU (tests/gpu_check.sh runs that); here, with gloo, the hook's
+    bookkeeping: a start mark per bucket, an end mark taken in the reduction's callback, summed by the clock."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        clock = RecordingClock()
+        timer = benchmark.AllReduceTimer(clock)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2)))
+        model.register_comm_hook(None, timer.hook)
+        model(torch.randn(8, 64)).sum().backward()
+        totals = timer.take()
+    finally:
+        dist.destroy_process_group()
+    assert totals["calls"] >= 1 and len(clock.marks) == 2 * totals["calls"]
+    assert totals["bytes"] == 4 * (64 * 64 + 64 + 64 * 2 + 2)
+    assert 0 < totals["seconds"] == pytest.approx(sum(end - start for start, end in zip(clock.marks[::2], clock.marks[1::2])))
+    assert timer.take() == {"seconds": 0, "calls": 0, "bytes": 0}
