@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test bench compare check-int8 plots-template clean-venv
+.PHONY: repro test bench compare check-int8 plots-template clean-venv gpu-kit gpu-rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,32 @@ check-int8: repro
 # Regenerate .dvc/plots/offline.html, the committed offline page template of `dvc plots`, after bumping vl-convert-python.
 plots-template: $(VENV)/.installed-test
 	$(BIN)/mnist-plots-template
+
+# The offline kit for a GPU server without internet (docs/gpu.md): wheels for its Python (GPU_PYTHON) of all the
+# pipeline needs beyond the server's PyTorch stack, and MNIST from MNIST_PIPELINE_MIRRORS; at most 50 MiB.
+GPU_PYTHON ?= 3.12
+gpu-kit: $(VENV)/.installed
+	$(BIN)/mnist-gpu-kit --python-version $(GPU_PYTHON) --out gpu-kit
+
+# tests/gpu_check.sh rehearsed here as a GPU server would run it, in CPU mode: a clean clone of HEAD without .git,
+# beside no ../shared, a Python holding only a server's packages (its PyTorch stack), the rest installed from a kit
+# for this Python with pip --no-index. Its log, metrics and summary land in build/gpu-rehearsal/out/.
+REHEARSAL := build/gpu-rehearsal
+HERE_PYTHON = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+$(REHEARSAL)/server/.installed:
+	$(PYTHON) -m venv $(REHEARSAL)/server
+	$(REHEARSAL)/server/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 onnx==1.23.1 onnxruntime==1.30.0 \
+		numpy pandas scikit-learn pyyaml tqdm
+	touch $@
+
+$(REHEARSAL)/kit/manifest.json: pyproject.toml | $(VENV)/.installed
+	$(BIN)/mnist-gpu-kit --python-version $(HERE_PYTHON) --out $(REHEARSAL)/kit
+
+gpu-rehearsal: $(REHEARSAL)/server/.installed $(REHEARSAL)/kit/manifest.json
+	rm -rf $(REHEARSAL)/checkout $(REHEARSAL)/out
+	git clone --quiet . $(REHEARSAL)/checkout && rm -rf $(REHEARSAL)/checkout/.git
+	cd $(REHEARSAL)/checkout && env -u MNIST_PIPELINE_MIRRORS PIP_NO_INDEX=1 PYTHON=$(CURDIR)/$(REHEARSAL)/server/bin/python \
+		MNIST_PIPELINE_GPU_KIT=$(CURDIR)/$(REHEARSAL)/kit OUT=$(CURDIR)/$(REHEARSAL)/out bash tests/gpu_check.sh --cpu
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,7 +12,9 @@ import copy
 import dataclasses
 import gzip
 import io
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,12 @@ class TrainingRun:
     accuracy: float  # test accuracy of the model the run returns
     time_to_99: float | None  # seconds until an epoch first ended at >= 99.0% test accuracy
     flops_per_image: float  # forward and backward, counted once by PyTorch
+    steps_to_99: float | None = None  # the optimisation steps' seconds until then: no set-up, no validation
+
+    def setup_seconds(self) -> float:
+        """The run's seconds outside its steps: data onto the device, the model, a capture or a compilation, and
+        the validation after each epoch."""
+        return self.seconds - self.step_seconds
 
     def gflops(self) -> float:
         return self.flops_per_image * self.images / self.step_seconds / 1e9
@@ -134,6 +142,14 @@ def gemm_gflops(device: torch.device) -> dict[str, float]:
     convolution. MKL takes a slower code path on AMD CPUs than oneDNN does, so the two can differ twofold."""
     a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
     rates = {"matmul": gflops_of(lambda: a @ b, 2 * 4096**3)}
+    if device.type == "cuda":
+        # cuDNN convolutions compute fp32 in TF32 by default, matmuls strictly: fp32 training is compared with a
+        # TF32 matmul, like with like.
+        strict, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
+        try:
+            rates["TF32 matmul"] = gflops_of(lambda: a @ b, 2 * 4096**3)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = strict
     if device.type == "cpu":
         conv = nn.Conv2d(2048, 2048, 1, bias=False).to(memory_format=torch.channels_last)
         x = torch.randn(32, 2048, 16, 16).contiguous(memory_format=torch.channels_last)  # an 8192x2048 by 2048x2048 GEMM
@@ -229,14 +245,14 @@ def timed_training(name: str, params, cache_features: bool = True) -> TrainingRu
     images, labels = load_split("test")
     test_pixels, test_labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     device = pick_device(params.train.device, "train.device")
-    off_clock, time_to_99, step_seconds = 0.0, None, 0.0
+    off_clock, time_to_99, steps_to_99, step_seconds = 0.0, None, None, 0.0
 
     def on_epoch(result: dict, model: nn.Module) -> None:
-        nonlocal off_clock, time_to_99, step_seconds
+        nonlocal off_clock, time_to_99, steps_to_99, step_seconds
         epoch_ended = time.perf_counter()
         step_seconds += result["seconds"]
         if time_to_99 is None and accuracy_on(model, test_pixels, test_labels) >= 0.99:
-            time_to_99 = epoch_ended - started - off_clock
+            time_to_99, steps_to_99 = epoch_ended - started - off_clock, step_seconds
         off_clock += time.perf_counter() - epoch_ended
 
     started = time.perf_counter()
@@ -245,7 +261,7 @@ def timed_training(name: str, params, cache_features: bool = True) -> TrainingRu
     images_seen = load_meta()["counts"]["train"] * params.train.epochs
     flops = flops_per_training_image(build_model(architecture, 0.0, 1.0), architecture["image_size"])
     return TrainingRun(name, seconds, step_seconds, images_seen, accuracy_on(model, test_pixels, test_labels),
-                       time_to_99, flops)
+                       time_to_99, flops, steps_to_99)
 
 
 # ResNet-18 recipes small enough for a CPU: 32x32 inputs, three epochs, and no shifts, so that a frozen backbone's
@@ -396,6 +412,51 @@ def best_preset(params, device: str) -> TrainingRun:
             os.chdir(REPO_ROOT)
 
 
+# tuomaso/train_mnist_fast: 99.04% mean test accuracy in 0.76 s of training on a GTX 1660 Ti, the data on the GPU.
+ANCHOR_SECONDS, GPU_GOAL_SECONDS = 0.76, 0.25
+
+
+def spread(values: list[float]) -> str:
+    return (f"mean {statistics.mean(values):.4f}, sd {statistics.pstdev(values):.4f}, "
+            f"min {min(values):.4f}, max {max(values):.4f}, n {len(values)}")
+
+
+def fast_recipe_over_seeds(fast_params, seeds: int) -> dict[str, str]:
+    """The fast recipe's time to 99.0% test accuracy, measured as the anchor measures it: the data already on the
+    device, a warm-up run excluded (CUDA's start, cuDNN's first choices), the optimisation steps timed apart from
+    the set-up (data, model, CUDA graphs' capture or compilation) and from validation, seed by seed; the median."""
+    timed_training("warm-up", with_overrides(fast_params, {"train": {"seed": 10_000}}))
+    runs = [timed_training(f"seed {seed}", with_overrides(fast_params, {"train": {"seed": seed}})) for seed in range(seeds)]
+    eager = timed_training("seed 0, eager steps", with_overrides(fast_params, {"train": {"seed": 0, "cuda_graphs": False}}))
+    print(f"\n{'fast recipe':<22} {'test acc':>9} {'to 99.0%':>9} {'steps':>8} {'set-up':>8}")
+    for run in [*runs, eager]:
+        to_99 = f"{run.steps_to_99:.3f}s" if run.steps_to_99 is not None else "never"
+        print(f"{run.name:<22} {run.accuracy:>9.4f} {to_99:>9} {run.step_seconds:>7.3f}s {run.setup_seconds():>7.2f}s")
+    print("to 99.0%: the steps' seconds until an epoch first ended at >= 99.0% test accuracy; steps: all epochs' steps; "
+          "set-up: the rest of the run\n(data onto the device, model, graph capture, validation).\n")
+    reached = [run.steps_to_99 for run in runs if run.steps_to_99 is not None]
+    median = statistics.median([run.steps_to_99 if run.steps_to_99 is not None else math.inf for run in runs])
+    accuracies = [run.accuracy for run in runs]
+    report("fast recipe's test accuracy", spread(accuracies), ">= 0.9900 mean", statistics.mean(accuracies) >= 0.99)
+    report("fast recipe's time to 99.0%, median", f"{median:.3f} s ({len(reached)} of {seeds} seeds reached 99.0%)",
+           f"<= {GPU_GOAL_SECONDS} s", median <= GPU_GOAL_SECONDS)
+    report("  against the anchor's 0.76 s", f"{ANCHOR_SECONDS / median:.1f}x as fast (tuomaso/train_mnist_fast, GTX 1660 Ti)")
+    report("  CUDA graphs against eager steps", f"{eager.step_seconds / runs[0].step_seconds:.1f}x the speed "
+           f"({eager.step_seconds:.3f} s -> {runs[0].step_seconds:.3f} s of steps, seed 0)")
+    return {"fast_mean_accuracy": f"{statistics.mean(accuracies):.4f}", "fast_time_to_99_s": f"{median:.3f}",
+            "fast_seeds_at_99": f"{len(reached)}/{seeds}", "anchor_ratio": f"{ANCHOR_SECONDS / median:.1f}"}
+
+
+def resnet_epoch(params, device: str, size: int) -> dict[str, str]:
+    """ResNet-18 from scratch for one epoch at size x size inputs, params.yaml's train settings otherwise."""
+    recipe = with_overrides(params, {"model": {"arch": "resnet18", "input_size": size, "pretrained": "none", "freeze": False},
+                                     "train": {"epochs": 1, "device": device}})
+    run = timed_training(f"ResNet-18 at {size}x{size}", recipe)
+    report(f"ResNet-18 at {size}x{size}, 1 epoch", f"{run.step_seconds:.1f} s of steps, {run.images / run.step_seconds:,.0f} images/s, "
+           f"{run.gflops() / 1000:.1f} TFLOP/s; test accuracy {run.accuracy:.4f}; whole run {run.seconds:.1f} s")
+    return {"resnet_images_per_s": f"{run.images / run.step_seconds:.0f}", "resnet_accuracy": f"{run.accuracy:.4f}"}
+
+
 class WallClock:
     """Marks in host seconds: right for gloo, whose all-reduce has ended when its future completes."""
 
@@ -519,6 +580,17 @@ def data_parallel(params, device: torch.device) -> dict[str, str]:
     return summary
 
 
+def seeds_and_best(params, args, precision_setting: str) -> dict[str, str]:
+    fast_params = with_overrides(params, {**FAST, "train": {**FAST["train"], "device": args.device, "mixed_precision": precision_setting}})
+    summary = fast_recipe_over_seeds(fast_params, args.seeds)
+    if args.best:
+        best = best_preset(params, args.device)
+        report("best preset", f"{best.seconds:.0f} s, {best.step_seconds / (best.images // load_meta()['counts']['train']):.2f} s/epoch, "
+               f"test accuracy {best.accuracy:.4f}")
+        summary["best_accuracy"], summary["best_seconds"] = f"{best.accuracy:.4f}", f"{best.seconds:.0f}"
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--best", action="store_true", help="also train the `best` preset (about 10 minutes on 2 cores)")
@@ -526,6 +598,9 @@ def main() -> None:
                         help="only the ResNet-18 recipes (from scratch, frozen with and without cached features, fine-tuned) and the CNN")
     parser.add_argument("--processes", action="store_true",
                         help="only data-parallel training: 1 process against 2 (on a CPU) or one per GPU, the all-reduce timed")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="only the fast recipe over N seeds after a warm-up, its time to 99.0% timed as on a GPU; with --best, the best preset too")
+    parser.add_argument("--resnet", type=int, metavar="SIZE", help="only ResNet-18 from scratch for one epoch at SIZE x SIZE inputs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the project's training runs; the reference loop and inference stay on the CPU")
     args = parser.parse_args()
@@ -538,8 +613,11 @@ def main() -> None:
     if args.transfer:
         transfer_learning(params, args.device)
         return
-    if args.processes:
-        summary = data_parallel(params, device)
+    only = {"processes": args.processes and (lambda: data_parallel(params, device)),
+            "resnet": args.resnet and (lambda: resnet_epoch(params, args.device, args.resnet)),
+            "seeds": args.seeds and (lambda: seeds_and_best(params, args, precision_setting))}
+    for section in filter(None, only.values()):
+        summary = section()
         print(" ".join(f"{key}={value}" for key, value in summary.items()))
         return
 
@@ -563,7 +641,7 @@ def main() -> None:
     by_name = {run.name: run for run in runs}
     fast, default = by_name[fast_name], by_name["params.yaml defaults"]
     fp32 = by_name.get("fast recipe in fp32", fast)
-    summary = {"precision": precision, "gemm_fraction": f"{fp32.gflops() / gemm['matmul']:.2f}",
+    summary = {"precision": precision, "gemm_fraction": f"{fp32.gflops() / gemm.get('TF32 matmul', gemm['matmul']):.2f}",
                "default_accuracy": f"{default.accuracy:.4f}"}
     if "oneDNN" in gemm:
         summary["onednn_gemm_fraction"] = f"{fp32.gflops() / gemm['oneDNN']:.2f}"
@@ -580,8 +658,9 @@ def main() -> None:
     if fp32 is not fast:
         report(f"fast recipe in {precision} against fp32", f"{fp32.step_seconds / fast.step_seconds:.1f}x the speed "
                f"({fp32.step_seconds:.1f} s -> {fast.step_seconds:.1f} s of steps)")
-    report("fp32 training throughput", f"{fp32.gflops():.0f} GFLOP/s = {fp32.gflops() / gemm['matmul']:.0%} of matmul",
-           ">= 50%", fp32.gflops() / gemm["matmul"] >= 0.5)
+    like = "TF32 matmul" if "TF32 matmul" in gemm else "matmul"
+    report("fp32 training throughput", f"{fp32.gflops():.0f} GFLOP/s = {fp32.gflops() / gemm[like]:.0%} of {like}",
+           ">= 50%", fp32.gflops() / gemm[like] >= 0.5)
     if "oneDNN" in gemm:
         report("  against oneDNN's GEMM", f"{fp32.gflops() / gemm['oneDNN']:.0%}")
     report("params.yaml defaults", f"{default.seconds:.1f} s, test accuracy {default.accuracy:.4f}", ">= 0.994 in <= 60 s",
