@@ -23,7 +23,7 @@ from mnist_pipeline.cpu import Cpu, this_cpu
 from mnist_pipeline.cuda_graphs import CapturedSteps
 from mnist_pipeline.distributed import Worker, sync_batch_norm
 from mnist_pipeline.download import file_sha256
-from mnist_pipeline.errors import gist
+from mnist_pipeline.errors import PipelineError, gist
 from mnist_pipeline.files import atomic_path, require_free_space
 from mnist_pipeline.model import (
     PixelClassifier,
@@ -101,6 +101,12 @@ def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.de
 def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int):
     """A learning-rate schedule stepped once per batch."""
     if params.lr_schedule == "onecycle":
+        warmup = params.warmup_fraction * total_steps
+        if warmup < 2 or total_steps - warmup < 1:  # torch's OneCycleLR divides by zero on shorter phases
+            raise PipelineError(
+                f"train.lr_schedule = onecycle needs at least 2 steps of warm-up and 1 after: train.warmup_fraction = "
+                f"{params.warmup_fraction} of {total_steps} steps ({params.epochs} epochs of batch {params.batch_size}) gives "
+                f"{warmup:g}; train on more images or epochs, or a smaller batch, or another train.lr_schedule")
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=params.warmup_fraction, cycle_momentum=False
         )

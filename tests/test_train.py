@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, run_stage_cli, stage_command, update_params, write_synthetic_mnist
+from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, run_stage_cli, stage_command, update_params, write_synthetic_mnist
 from mnist_pipeline import augment, training
 from mnist_pipeline import model as model_module
 from stages import preprocess, train
@@ -278,3 +278,10 @@ def test_the_code_digest_covers_the_given_files_and_the_package(tmp_path):
     stage.write_text("print('two')\n")
     assert training.code_digest([stage]) != before
     assert training.code_digest([]) != training.code_digest([stage])
+
+
+def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(workdir):
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "batch_size": 256}})
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main()
+    assert_one_line_error(run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs at least 2 steps of warm-up")
