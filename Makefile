@@ -50,7 +50,8 @@ gpu-kit: $(VENV)/.installed
 
 # tests/gpu_check.sh rehearsed here as a GPU server would run it, in CPU mode: a clean clone of HEAD without .git,
 # beside no ../shared, a Python holding only a server's packages (its PyTorch stack), the rest installed from a kit
-# for this Python with pip --no-index. Its log, metrics and summary land in build/gpu-rehearsal/out/.
+# for this Python with pip --no-index. Its log, metrics and summary land in build/gpu-rehearsal/out/. The kit takes
+# MNIST from MNIST_PIPELINE_MIRRORS; the check itself sees only the kit's copy.
 REHEARSAL := build/gpu-rehearsal
 HERE_PYTHON = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 $(REHEARSAL)/server/.installed:

@@ -6,7 +6,8 @@
 #   OUT=/some/dir bash tests/gpu_check.sh           # about 5 minutes on an H200, installation included
 #   OUT=/some/dir bash tests/gpu_check.sh --cpu     # its rehearsal without a GPU, on 2,000 training images
 #
-# PYTHON names the server's Python (python3); MNIST_PIPELINE_GPU_KIT another kit folder. Without .git (a copy of the
+# PYTHON names the server's Python (python3); MNIST_PIPELINE_GPU_KIT another kit folder; GPU_CHECK_STEPS some of the
+# steps only, by name (repro tests seeds resume processes resnet; the data is prepared in any case). Without .git (a copy of the
 # working tree), DVC runs with core.no_scm. The rehearsal edits params.yaml, so it runs only in such a copy:
 # `make gpu-rehearsal` makes one from a clean clone and runs it, as the first run on a GPU would.
 set -uo pipefail
@@ -28,6 +29,7 @@ started=$SECONDS
 summary=()
 say() { summary+=("$*"); }
 step() { echo; echo "=== $* (at $((SECONDS - started)) s)"; }
+wanted() { [[ " ${GPU_CHECK_STEPS:-repro tests seeds resume processes resnet} " == *" $1 "* ]]; }
 # A step's command, its output shown; its status and seconds go into the summary.
 run() {
     local name=$1; shift
@@ -77,17 +79,22 @@ yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
 EOF
 fi
 seeds=$([ "$device" = cuda ] && echo 10 || echo 2)
+best_epochs=$([ "$device" = cuda ] && echo 20 || echo 1)
 resnet_size=$([ "$device" = cuda ] && echo 224 || echo 32)
 
-run "dvc repro, every stage" dvc repro
-say "  $(grep -E "^(training on|kept epoch)" "$site/step.log" | cut -c1-60 | tr '\n' ';') $(python -c "
+if wanted repro; then
+    run "dvc repro, every stage" dvc repro &&
+    say "  $(grep -E "^(training on|kept epoch)" "$site/step.log" | cut -c1-60 | tr '\n' ';') $(python -c "
 import json; details, export = json.load(open('metrics/eval_details.json')), json.load(open('metrics/export.json'))
 print(f\"evaluated on {details['device']}: test accuracy {details['accuracy']}; ONNX {export['accuracy']}, int8 {export['int8_accuracy']}\")" 2>&1)"
+else
+    dvc repro preprocess  # the data every other step trains on
+fi
 
-run "CUDA tests" python -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_cpu.py
+wanted tests && run "CUDA tests" python -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_cpu.py
 
-run "fast recipe over $seeds seeds, best preset" python tests/benchmark.py --device $device --seeds $seeds --best
-while read -r line; do say "  $line"; done < <(grep -E "^(fast recipe|  against|  CUDA graphs|best preset)" "$site/step.log")
+wanted seeds && run "fast recipe over $seeds seeds, best preset" python tests/benchmark.py --device $device --seeds $seeds --best --best-epochs $best_epochs
+wanted seeds && while read -r line; do say "  $line"; done < <(grep -E "^(fast recipe|  against|  CUDA graphs|best preset)" "$site/step.log")
 
 # Kill training once its first epoch's state is saved, then rerun: it resumes on the same device.
 resume() {
@@ -101,15 +108,15 @@ yaml.safe_dump(params, open('$work/params.yaml', 'w'), sort_keys=False)"
     local pid=$!
     while [ ! -f "$work/models/train_state.pt" ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done
     kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
-    echo "killed after the state of epoch 1 was saved:"; cat "$work/first.log" | tr '\r' '\n' | grep -E "^(training on|epoch|CUDA)"
+    echo "killed after the state of epoch 1 was saved:"; tr '\r' '\n' < "$work/first.log" | grep -E "^(training on|epoch|CUDA)"
     (cd "$work" && python -m stages.train) 2>&1 | tr '\r' '\n' | grep -vE "^epoch [0-9]+/[0-9]+: +[0-9]+%|^\s*$" | tee "$work/second.log"
     grep -q "^resuming from models/train_state.pt" "$work/second.log" && grep -q "^kept epoch" "$work/second.log"
 }
-run "kill and resume on $device" resume
-say "  $(grep -E "^resuming|^kept" "$site/step.log" | tr '\n' ' ')"
+wanted resume && run "kill and resume on $device" resume
+wanted resume && say "  $(grep -E "^resuming|^kept" "$site/step.log" | tr '\n' ' ')"
 
-run "data parallel: plain against 1 process" python tests/benchmark.py --device $device --processes
-while read -r line; do say "  $line"; done < <(grep -E "^(1 process|[0-9]+ processes)" "$site/step.log")
+wanted processes && run "data parallel: plain against 1 process" python tests/benchmark.py --device $device --processes
+wanted processes && while read -r line; do say "  $line"; done < <(grep -E "^(1 process|[0-9]+ processes)" "$site/step.log")
 
-run "ResNet-18 at $resnet_size, 1 epoch" python tests/benchmark.py --device $device --resnet $resnet_size
-say "  $(grep -E "^ResNet-18 at" "$site/step.log" | tail -1)"
+wanted resnet && run "ResNet-18 at $resnet_size, 1 epoch" python tests/benchmark.py --device $device --resnet $resnet_size
+wanted resnet && say "  $(grep -E "^ResNet-18 at" "$site/step.log" | tail -1)"
