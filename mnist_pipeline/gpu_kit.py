@@ -55,17 +55,23 @@ def last_line(result: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else f"exit status {result.returncode}"
 
 
-def fetch_wheel(name: str, version: str, python_version: str, folder: Path) -> str:
-    """The wheel of name==version for the server's Python and platform, into folder; a pure-Python package that
-    PyPI has only as source is built into a wheel here. Returns how it came."""
+def fetch_wheels(packages: dict[str, str], python_version: str, folder: Path) -> None:
+    """The wheels of these exact versions for the server's Python and platform, into folder: in one pip call, or
+    one by one where that fails, building a pure-Python package that PyPI has only as source into a wheel here."""
     target = [f"--python-version={python_version}", "--implementation=cp", *(f"--platform={tag}" for tag in PLATFORMS)]
-    result = pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(folder), f"{name}=={version}")
-    if result.returncode == 0:
-        return "wheel"
-    built = pip("wheel", "--quiet", "--no-deps", "-w", str(folder), f"{name}=={version}")
-    if built.returncode or not list(folder.glob(f"{name.replace('-', '_')}-{version}-py3-none-any.whl")):
-        raise PipelineError(f"no wheel of {name}=={version} for Python {python_version} on manylinux x86-64: {last_line(result)}")
-    return "built here (pure Python)"
+    pinned = [f"{name}=={version}" for name, version in sorted(packages.items())]
+    print(f"downloading {len(pinned)} wheels for Python {python_version}", flush=True)
+    if pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(folder), *pinned).returncode == 0:
+        return
+    for requirement in pinned:
+        result = pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(folder), requirement)
+        if result.returncode == 0:
+            continue
+        name, version = requirement.split("==")
+        built = pip("wheel", "--quiet", "--no-deps", "-w", str(folder), requirement)
+        if built.returncode or not list(folder.glob(f"{name.replace('-', '_')}-{version}-py3-none-any.whl")):
+            raise PipelineError(f"no wheel of {requirement} for Python {python_version} on manylinux x86-64: {last_line(result)}")
+        print(f"{requirement}: PyPI has no wheel; built one here (pure Python)", flush=True)
 
 
 def copy_dataset(folder: Path) -> None:
@@ -84,9 +90,7 @@ def build(out: Path, python_version: str, server_has: list[str]) -> dict:
     with atomic_directory(out) as folder:
         wheels = folder / "wheels"
         wheels.mkdir()
-        for number, (name, version) in enumerate(sorted(needed.items()), 1):
-            how = fetch_wheel(name, version, python_version, wheels)
-            print(f"[{number}/{len(needed)}] {name}=={version}: {how}", flush=True)
+        fetch_wheels(needed, python_version, wheels)
         copy_dataset(folder / "mnist")
         manifest = {"python": python_version, "server_has": server_has, "wheels": sorted(p.name for p in wheels.iterdir())}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
