@@ -382,7 +382,7 @@ def scratch_repo(preprocess_overrides: dict):
 def run_preprocess(folder: Path) -> float:
     """Seconds for the whole preprocess stage, Python start-up included, as `dvc repro` runs it."""
     started = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=folder, env=env, check=True, capture_output=True)
     return time.perf_counter() - started
 
@@ -449,7 +449,7 @@ def fast_recipe_over_seeds(fast_params, seeds: int) -> dict[str, str]:
         report("  CUDA graphs against eager steps", f"{eager[0].step_seconds / runs[0].step_seconds:.1f}x the speed "
                f"({eager[0].step_seconds:.3f} s -> {runs[0].step_seconds:.3f} s of steps, seed 0)")
     return {"fast_mean_accuracy": f"{statistics.mean(accuracies):.4f}", "fast_time_to_99_s": f"{median:.3f}",
-            "fast_seeds_at_99": f"{len(reached)}/{seeds}", "anchor_ratio": f"{ANCHOR_SECONDS / median:.1f}"}
+            "fast_seeds_at_99": f"{len(reached)}/{seeds}", **({"anchor_ratio": f"{ANCHOR_SECONDS / median:.1f}"} if reached else {})}
 
 
 def resnet_epoch(params, device: str, size: int) -> dict[str, str]:

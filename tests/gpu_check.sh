@@ -37,7 +37,7 @@ run() {
     step "$name"
     "$@" 2>&1 | tee "$site/step.log"
     local status=${PIPESTATUS[0]}
-    say "$(printf '%-34s %s, %d s' "$name" "$([ $status = 0 ] && echo ok || echo "FAILED (exit $status)")" $((SECONDS - begun)))"
+    say "$(printf '%-40s %s, %d s' "$name" "$([ $status = 0 ] && echo ok || echo "FAILED (exit $status)")" $((SECONDS - begun)))"
     return $status
 }
 finish() {
@@ -84,7 +84,7 @@ resnet_size=$([ "$device" = cuda ] && echo 224 || echo 32)
 
 if wanted repro; then
     run "dvc repro, every stage" dvc repro &&
-    say "  $(grep -E "^(training on|kept epoch)" "$site/step.log" | cut -c1-60 | tr '\n' ';') $(python -c "
+    say "  $(grep -E "^training on" "$site/step.log" | cut -d: -f1); $(python -c "
 import json; details, export = json.load(open('metrics/eval_details.json')), json.load(open('metrics/export.json'))
 print(f\"evaluated on {details['device']}: test accuracy {details['accuracy']}; ONNX {export['accuracy']}, int8 {export['int8_accuracy']}\")" 2>&1)"
 else
@@ -94,7 +94,7 @@ fi
 wanted tests && run "CUDA tests" python -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_cpu.py
 
 wanted seeds && run "fast recipe over $seeds seeds, best preset" python tests/benchmark.py --device $device --seeds $seeds --best --best-epochs $best_epochs
-wanted seeds && while read -r line; do say "  $line"; done < <(grep -E "^(fast recipe|  against|  CUDA graphs|best preset)" "$site/step.log")
+wanted seeds && while read -r line; do say "  $line"; done < <(grep -E "^(fast recipe's (test|time)|  against|  CUDA graphs|best preset)" "$site/step.log")
 
 # Kill training once its first epoch's state is saved, then rerun: it resumes on the same device.
 resume() {
