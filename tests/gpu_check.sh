@@ -7,7 +7,8 @@
 #   OUT=/some/dir bash tests/gpu_check.sh --cpu     # its rehearsal without a GPU, on 2,000 training images
 #
 # PYTHON names the server's Python (python3); MNIST_PIPELINE_GPU_KIT another kit folder; GPU_CHECK_STEPS some of the
-# steps only, by name (repro tests seeds resume processes resnet; the data is prepared in any case). Without .git (a copy of the
+# steps only, by name (repro tests seeds resume processes resnet; the data is prepared in any case);
+# GPU_CHECK_BEST_SEEDS the number of seeds of the best preset (1). Without .git (a copy of the
 # working tree), DVC runs with core.no_scm. The rehearsal edits params.yaml, so it runs only in such a copy:
 # `make gpu-rehearsal` makes one from a clean clone and runs it, as the first run on a GPU would.
 set -uo pipefail
@@ -93,8 +94,8 @@ fi
 
 wanted tests && run "CUDA tests" python -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_cpu.py
 
-wanted seeds && run "fast recipe over $seeds seeds, best preset" python tests/benchmark.py --device $device --seeds $seeds --best --best-epochs $best_epochs
-wanted seeds && while read -r line; do say "  $line"; done < <(grep -E "^(fast recipe's (test|time)|  against|  CUDA graphs|best preset)" "$site/step.log")
+wanted seeds && run "fast recipe over $seeds seeds, best preset" python tests/benchmark.py --device $device --seeds $seeds --best --best-epochs $best_epochs --best-seeds ${GPU_CHECK_BEST_SEEDS:-1}
+wanted seeds && while read -r line; do say "  $line"; done < <(grep -E "^(fast recipe's (test|time)|  against|  CUDA graphs|seed 0, torch|best preset)" "$site/step.log")
 
 # Kill training once its first epoch's state is saved, then rerun: it resumes on the same device.
 resume() {
