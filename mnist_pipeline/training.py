@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
 from mnist_pipeline.cpu import Cpu, this_cpu
-from mnist_pipeline.cuda_graphs import CapturedSteps
+from mnist_pipeline.cuda_graphs import CapturedSteps, TrainingState
 from mnist_pipeline.distributed import Worker, sync_batch_norm
 from mnist_pipeline.download import file_sha256
 from mnist_pipeline.errors import PipelineError, gist
@@ -308,18 +308,34 @@ def graph_blocker(params: Params, worker: Worker) -> str:
 
 
 def prepare_steps(run: Run, params: TrainParams) -> None:
-    """Make run.step: training_step, captured as CUDA graphs where graph_blocker allows it. Call it once the
-    training inputs are final (after compute_frozen_features), since the graphs hold their address."""
+    """Make run.step: training_step, compiled first where train.compile asks, and captured as CUDA graphs where
+    graph_blocker allows it. Call it once the training inputs are final (after compute_frozen_features), since
+    the graphs hold their address."""
     eager = functools.partial(training_step, run, params)
     run.step = eager
+    sizes = {min(params.batch_size, len(run.train_labels)), len(run.train_labels) % params.batch_size} - {0}
+    if params.compile:
+        print(f"torch.compile: compiled in {compile_now(eager, run, sizes):.1f}s, before the first epoch")
     if run.graph_blocker:
         if run.device.type == "cuda" and params.cuda_graphs:
             print(f"CUDA graphs: off ({run.graph_blocker}); the steps run eagerly")
         return
-    sizes = {min(params.batch_size, len(run.train_labels)), len(run.train_labels) % params.batch_size} - {0}
     run.step = CapturedSteps(eager, sizes, run.model, run.optimizer)
     print(f"CUDA graphs: each step replays one graph, captured in {run.step.seconds:.2f}s for batch sizes "
           f"{', '.join(map(str, sorted(sizes)))}")
+
+
+def compile_now(step: Callable[[torch.Tensor], tuple], run: Run, batch_sizes: set[int]) -> float:
+    """Seconds to compile the step for each batch size: torch.compile compiles at a step's first call, which would
+    otherwise land in the first epoch's time. The trial steps are undone, loss scale and random draws included."""
+    started = time.perf_counter()
+    saved, scale, rng = TrainingState(run.model, run.optimizer), run.scaler.state_dict(), rng_states(run.generator, run.device)
+    for size in sorted(batch_sizes):
+        step(torch.arange(size, device=run.device))
+    saved.restore()
+    run.scaler.load_state_dict(scale)
+    set_rng_states(rng, run.generator, run.device)
+    return time.perf_counter() - started
 
 
 def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float, float]:

@@ -28,6 +28,7 @@ site=$(mktemp -d)  # the kit's packages, and each step's output for the summary
 export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1 MNIST_PIPELINE_MIRRORS="$KIT/mnist"
 started=$SECONDS
 summary=()
+failures=0
 say() { summary+=("$*"); }
 step() { echo; echo "=== $* (at $((SECONDS - started)) s)"; }
 wanted() { [[ " ${GPU_CHECK_STEPS:-repro tests seeds resume processes resnet} " == *" $1 "* ]]; }
@@ -38,6 +39,7 @@ run() {
     step "$name"
     "$@" 2>&1 | tee "$site/step.log"
     local status=${PIPESTATUS[0]}
+    [ $status = 0 ] || failures=$((failures + 1))
     say "$(printf '%-40s %s, %d s' "$name" "$([ $status = 0 ] && echo ok || echo "FAILED (exit $status)")" $((SECONDS - begun)))"
     return $status
 }
@@ -47,7 +49,9 @@ finish() {
     printf '%s\n' "${summary[@]}" "whole check: $((SECONDS - started)) s" > "$OUT/summary.txt"
     echo; echo "=== summary"; cat "$OUT/summary.txt"
 }
-trap finish EXIT
+# The exit status: 0 when every step that ran passed.
+finished() { local status=$?; finish; [ $status != 0 ] && exit $status; exit $((failures > 0)); }
+trap finished EXIT
 
 [ -d "$KIT/wheels" ] || { echo "error: no kit at $KIT: build one with 'make gpu-kit' where pip reaches PyPI, and copy it here" >&2; exit 2; }
 [ "$device" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -121,3 +125,5 @@ wanted processes && while read -r line; do say "  $line"; done < <(grep -E "^(1 
 
 wanted resnet && run "ResNet-18 at $resnet_size, 1 epoch" python tests/benchmark.py --device $device --resnet $resnet_size
 wanted resnet && say "  $(grep -E "^ResNet-18 at" "$site/step.log" | tail -1)"
+
+exit 0  # the EXIT trap then answers whether every step passed

@@ -1,5 +1,6 @@
 """The training stage: augmentation, reproducible training on a small synthetic set, and resuming after a crash."""
 
+import functools
 import json
 import signal
 import subprocess
@@ -285,3 +286,23 @@ def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(w
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
     assert_one_line_error(run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs at least 2 steps of warm-up")
+
+
+def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
+    """The trial steps that make torch.compile compile up front are undone: weights, optimiser, random draws."""
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "dropout": 0.3}})
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main()
+    params = load_params()
+    run = training.prepare(params, Worker(torch.device("cpu")))
+    step = functools.partial(training.training_step, run, params.train)
+    step(torch.arange(32))  # an optimiser with state, as after a resume
+    weights = {name: tensor.clone() for name, tensor in run.model.state_dict().items()}
+    moments = [value.clone() for state in run.optimizer.state.values() for value in state.values()]
+    rng = training.rng_states(run.generator, run.device)
+
+    assert training.compile_now(step, run, {32, 20}) > 0
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in run.model.state_dict().items())
+    assert all(torch.equal(value, moment) for value, moment in zip((v for s in run.optimizer.state.values() for v in s.values()), moments))
+    after = training.rng_states(run.generator, run.device)
+    assert torch.equal(after["generator"], rng["generator"]) and torch.equal(after["torch"], rng["torch"])
