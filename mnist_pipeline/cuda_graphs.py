@@ -49,7 +49,9 @@ def capture(step: Step, rows: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch
     torch.cuda.current_stream(rows.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = step(rows)
+        # Detached, so that the outputs kept for the replays do not keep this step's autograd graph alive: the
+        # next capture's warm-ups would meet its gradient accumulators, made on another stream (torch warns).
+        outputs = tuple(output.detach() for output in step(rows))
     return graph, rows, outputs
 
 
