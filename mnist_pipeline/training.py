@@ -102,9 +102,9 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
     """A learning-rate schedule stepped once per batch."""
     if params.lr_schedule == "onecycle":
         warmup = params.warmup_fraction * total_steps
-        if warmup < 2 or total_steps - warmup < 1:  # torch's OneCycleLR divides by zero on shorter phases
+        if warmup <= 1:  # torch's OneCycleLR divides by warmup - 1, and rises backwards below it
             raise PipelineError(
-                f"train.lr_schedule = onecycle needs at least 2 steps of warm-up and 1 after: train.warmup_fraction = "
+                f"train.lr_schedule = onecycle needs more than 1 step of warm-up: train.warmup_fraction = "
                 f"{params.warmup_fraction} of {total_steps} steps ({params.epochs} epochs of batch {params.batch_size}) gives "
                 f"{warmup:g}; train on more images or epochs, or a smaller batch, or another train.lr_schedule")
         return torch.optim.lr_scheduler.OneCycleLR(

@@ -285,7 +285,7 @@ def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(w
     update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "batch_size": 256}})
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
-    assert_one_line_error(run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs at least 2 steps of warm-up")
+    assert_one_line_error(run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs more than 1 step of warm-up")
 
 
 def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
