@@ -25,6 +25,7 @@ from mnist_pipeline.errors import PipelineError, describe_disk_fault, disk_fault
 from mnist_pipeline.files import remove_stale_temp_files
 from mnist_pipeline.model import pick_device
 from mnist_pipeline.params import Params, TrainParams
+from mnist_pipeline.prepared import load_meta
 
 # Set for every worker of a torchrun job (and by job scripts that start the workers themselves, with MASTER_ADDR
 # and MASTER_PORT): a process that has them is already a worker, and never starts workers of its own.
@@ -208,7 +209,20 @@ def launch(worker_main: Callable[[Params, Worker], Any], params: Params, outputs
     processes = planned_processes(params.train, device)
     if processes == 1:
         return worker_main(params, Worker(device, params.train.threads))
+    require_a_share_each(processes)
     return start_workers(worker_main, params, processes, outputs)
+
+
+def require_a_share_each(processes: int) -> None:
+    """Refuse, before any worker starts, splits too small to give every process a share: a worker with no
+    validation images would fail inside a collective, and take the others down with it."""
+    counts = load_meta()["counts"]
+    for split, setting in (("train", "preprocess.train_limit"), ("val", "preprocess.val_size")):
+        if counts[split] < processes:
+            raise PipelineError(
+                f"the {split} split has {counts[split]} image{'s' * (counts[split] != 1)}, fewer than the {processes} training "
+                f"processes, and each needs a share; expected train.processes <= {counts[split]}, or a larger split ({setting})"
+            )
 
 
 def start_workers(worker_main: Callable[[Params, Worker], Any], params: Params, processes: int, outputs: tuple[Path, ...] = ()) -> Any:
@@ -248,6 +262,10 @@ def join_job(worker_main: Callable[[Params, Worker], Any], params: Params) -> An
         torch.cuda.set_device(device)
     threads = max(1, (params.train.threads or len(os.sched_getaffinity(0))) // local_size)
     place = f"rank {rank} of {world_size}"
+    try:
+        require_a_share_each(world_size)
+    except PipelineError as error:
+        raise PipelineError(f"{place}: {error}") from None
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=rendezvous_timeout()))

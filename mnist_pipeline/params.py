@@ -349,11 +349,21 @@ def _check_cuda(params: Params, source: Path) -> None:
         )
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats, as DVC (ruamel.yaml) reads params.yaml for `dvc params diff` and
+    `-S`: `1e-3` is a number, where YAML 1.1, PyYAML's, wants a dot (`1.0e-3`) and reads it as a string."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate the whole params file, so a mistake anywhere stops the first stage that runs."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stages from the repository root") from None
     except yaml.YAMLError as error:  # its own text spans several lines: keep where and what

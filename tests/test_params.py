@@ -179,6 +179,15 @@ def test_numbers_keep_the_type_yaml_gave_them(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("written, number", [("1e-3", 0.001), ("5E-4", 0.0005), ("+2e-1", 0.2), ("1.5e-3", 0.0015), (".5e1", 5.0)])
+def test_a_number_in_exponent_notation_is_a_number_as_dvc_reads_it(tmp_path, written, number):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 (DVC's ruamel.yaml, and `dvc exp run -S`) as a float."""
+    path = write_params(tmp_path / "params.yaml", "train", "lr", 0.25)
+    path.write_text(path.read_text().replace("lr: 0.25", f"lr: {written}"))
+    assert load_params(path).train.lr == number
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}, "what PyYAML alone reads"
+
+
 @pytest.mark.parametrize("sha256", ["0" * 63 + "\n", "A" * 64, "0" * 65])
 def test_a_dataset_hash_is_exactly_64_lowercase_hex_digits(tmp_path, sha256):
     path = write_params(tmp_path / "params.yaml", "dataset", "train_labels", {"file": "labels.gz", "sha256": sha256})
