@@ -22,9 +22,8 @@ from mnist_pipeline.augment import augment, augments
 from mnist_pipeline.cpu import Cpu, this_cpu
 from mnist_pipeline.cuda_graphs import CapturedSteps, TrainingState
 from mnist_pipeline.distributed import Worker, sync_batch_norm
-from mnist_pipeline.download import file_sha256
 from mnist_pipeline.errors import PipelineError, gist
-from mnist_pipeline.files import atomic_path, require_free_space
+from mnist_pipeline.files import atomic_path, file_sha256, require_free_space
 from mnist_pipeline.model import (
     PixelClassifier,
     architecture_for,

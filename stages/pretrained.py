@@ -6,7 +6,7 @@ Torch hub's cache is never read. When no weights are needed, the directory holds
 DVC then still has an output to track, and a stale weights file never lingers.
 """
 
-from mnist_pipeline.download import MEGABYTE, already_verified, download_file, file_sha256, mirrors_to_try
+from mnist_pipeline.download import MEGABYTE, already_verified, bounded_file_sha256, download_file, mirrors_to_try
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_path, remove_stale_temp_files
 from mnist_pipeline.pretrained import PRETRAINED_DIR as OUTPUT_DIR
@@ -26,7 +26,7 @@ def main() -> None:
         with atomic_path(NONE_NOTE) as temp:
             temp.write_text("model.pretrained is none: this run needs no pretrained weights\n")
         message = "no pretrained weights needed (model.pretrained: none)"
-    elif already_verified(target, params.weights.sha256, max_bytes, file_sha256):
+    elif already_verified(target, params.weights.sha256, max_bytes, bounded_file_sha256):
         message = f"{target.name}: already present and verified"
     else:
         url = download_file(
@@ -38,7 +38,7 @@ def main() -> None:
             max_bytes=max_bytes,
             deadline=params.download.deadline,
             output_dir=OUTPUT_DIR,
-            digest=file_sha256,
+            digest=bounded_file_sha256,
             offline_files=target.name,
         )
         message = f"{target.name}: verified, from {url}"

@@ -198,10 +198,11 @@ def share_and_reduce(params, worker: Worker) -> None:
 
 
 def test_the_workers_share_rows_sums_and_batch_norm_statistics(prepared, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    work = copy_of(prepared, tmp_path / "work")  # launch checks that each worker gets a share of its splits
+    monkeypatch.chdir(work)
     params = load_params(prepared / "params.yaml")
     launch(share_and_reduce, params.model_copy(update={"train": params.train.model_copy(update={"processes": 2})}))
-    first, second = (torch.load(tmp_path / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
+    first, second = (torch.load(work / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
     rows = torch.arange(21.0).view(7, 3)
     assert torch.equal(first["mine"], rows[:4]) and torch.equal(second["mine"], rows[4:])
     assert torch.equal(first["gathered"], rows * 10) and torch.equal(second["gathered"], rows * 10)

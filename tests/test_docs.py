@@ -104,3 +104,10 @@ def test_commands_and_modules_named_in_the_docs_exist():
         ]
         wrong += [f"{page.name}: {module}" for module in modules if not (REPO_ROOT / module).exists()]
     assert not wrong, "the docs name what does not exist:\n" + "\n".join(wrong)
+
+
+def test_every_module_and_test_file_is_on_the_architecture_page():
+    page = (REPO_ROOT / "docs/architecture.md").read_text()
+    modules = [path.name for path in (REPO_ROOT / "mnist_pipeline").glob("*.py") if path.name != "__init__.py"]
+    tests = [path.name for path in (REPO_ROOT / "tests").glob("*.py")] + ["gpu_check.sh"]
+    assert [name for name in sorted(modules + tests) if f"`{name}`" not in page and f"/{name}`" not in page] == []

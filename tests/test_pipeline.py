@@ -210,7 +210,7 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
 def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_what_depends_on_them(project):
     import torchvision
 
-    from mnist_pipeline.download import file_sha256
+    from mnist_pipeline.files import file_sha256
 
     repo, _ = project
     params_before = (repo / "params.yaml").read_text()

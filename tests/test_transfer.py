@@ -24,7 +24,8 @@ from conftest import (
 )
 from mnist_pipeline import describe_dataset, training
 from stages import download, evaluate, export, preprocess, pretrained, train
-from mnist_pipeline.download import content_sha256, file_sha256
+from mnist_pipeline.download import content_sha256
+from mnist_pipeline.files import file_sha256
 from mnist_pipeline.distributed import Worker
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.idx import write_idx
