@@ -21,9 +21,9 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from mnist_pipeline.device import pick_device
 from mnist_pipeline.errors import PipelineError, describe_disk_fault, disk_fault, gist
 from mnist_pipeline.files import remove_stale_temp_files
-from mnist_pipeline.model import pick_device
 from mnist_pipeline.params import Params, TrainParams
 from mnist_pipeline.prepared import load_meta
 

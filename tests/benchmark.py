@@ -32,17 +32,19 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from stages import train  # noqa: E402
+from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from mnist_pipeline.cpu import this_cpu  # noqa: E402
-from mnist_pipeline.training import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
+from mnist_pipeline.device import pick_device, predict_logits  # noqa: E402
 from mnist_pipeline.distributed import Worker, launch, start_workers  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
+from mnist_pipeline.model import build_model, export_form  # noqa: E402
 from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
-from mnist_pipeline.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
-from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.onnx_io import inference_session  # noqa: E402
+from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.prepared import load_meta, load_split  # noqa: E402
 from mnist_pipeline.pretrained import PRETRAINED_DIR  # noqa: E402
+from mnist_pipeline.runtime import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
+from stages import train  # noqa: E402
 
 # One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture. Its precision is the
 # fastest honest one for the machine (fastest_precision): bf16 autocast where the CPU computes bf16 natively

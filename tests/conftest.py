@@ -98,7 +98,8 @@ def write_checkpoint(path: Path, **changes) -> Path:
     """A small model.pt as the train stage writes it; `changes` replace its entries, to make foreign ones."""
     import torch
 
-    from mnist_pipeline.model import CNN, save_checkpoint
+    from mnist_pipeline.checkpoint import save_checkpoint
+    from mnist_pipeline.model import CNN
 
     torch.manual_seed(0)
     meta = {"mean": 0.13, "std": 0.31, "class_names": [str(d) for d in range(10)]}

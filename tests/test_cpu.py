@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from mnist_pipeline import cpu
 from mnist_pipeline.cpu import Cpu, as_emulated, parse_cpuinfo
-from mnist_pipeline.training import autocast_dtype, autocast_for
+from mnist_pipeline.runtime import autocast_dtype, autocast_for
 
 EPYC_MILAN = """processor\t: 0
 vendor_id\t: AuthenticAMD

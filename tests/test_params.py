@@ -7,7 +7,8 @@ import yaml
 from conftest import REPO_ROOT, run_stage_cli, update_params
 from stages import evaluate, train
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.params import SECTIONS, allowed_for, load_params
+from mnist_pipeline.params import SECTIONS, load_params
+from mnist_pipeline.params_messages import allowed_for
 
 
 def test_shipped_params_are_valid():
@@ -166,7 +167,7 @@ def test_processes_accepts_counts_and_auto(tmp_path, value):
 def test_every_key_says_what_it_allows():
     for section, model in SECTIONS.items():
         for key in model.model_fields:
-            assert allowed_for(section, key).startswith(("a ", "an ", "one of ", "true or false", "64 ", "{file: "))
+            assert allowed_for(model, key).startswith(("a ", "an ", "one of ", "true or false", "64 ", "{file: "))
 
 
 def test_numbers_keep_the_type_yaml_gave_them(tmp_path):

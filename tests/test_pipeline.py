@@ -16,10 +16,16 @@ import onnxruntime
 import pytest
 import torch
 import yaml
+from conftest import (
+    REPO_ROOT,
+    TINY_PARAMS,
+    dataset_files,
+    update_params,
+    write_synthetic_mnist,
+)
 from dvc_render.base import Renderer
 
-from conftest import REPO_ROOT, TINY_PARAMS, dataset_files, update_params, write_synthetic_mnist
-from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.params import DATASET_FILES
 
 pytestmark = pytest.mark.slow

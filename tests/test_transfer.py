@@ -11,7 +11,6 @@ import onnx
 import pytest
 import torch
 import yaml
-
 from conftest import (
     MNIST_FILES,
     REPO_ROOT,
@@ -22,15 +21,17 @@ from conftest import (
     update_params,
     write_synthetic_mnist,
 )
+
 from mnist_pipeline import describe_dataset, training
-from stages import download, evaluate, export, preprocess, pretrained, train
-from mnist_pipeline.download import content_sha256
-from mnist_pipeline.files import file_sha256
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.distributed import Worker
+from mnist_pipeline.download import content_sha256
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import file_sha256
 from mnist_pipeline.idx import write_idx
-from mnist_pipeline.model import ARCHITECTURES, architecture_for, build_model, load_checkpoint
+from mnist_pipeline.model import ARCHITECTURES, architecture_for, build_model
 from mnist_pipeline.params import DATASET_FILES, MODEL_KEYS_BY_ARCH, load_params
+from stages import download, evaluate, export, preprocess, pretrained, train
 
 WEIGHTS = "resnet18-test.pth"
 FROZEN = {"arch": "resnet18", "pretrained": "imagenet", "freeze": True, "input_size": 32}
