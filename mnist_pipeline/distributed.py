@@ -1,6 +1,16 @@
 """Data-parallel training on torch.distributed: the worker processes of one machine, started through PyTorch's own
 launcher (torch.distributed.launcher, the engine behind torchrun), or this process's place in a job that an outside
-torchrun started on several nodes; and what the workers share: batches, gradients, batch norm, features, totals."""
+torchrun started on several nodes; and what the workers share: batches, gradients, batch norm, features, totals.
+
+What the train stage uses, and why each exists:
+- launch(): one call for the three ways a stage runs (alone; starting its workers; as a worker of a torchrun job),
+  with every fault of a launch as one line (launch_error) instead of a traceback per worker.
+- Worker: a process's rank, device and threads, with the few collectives the loop needs (share, gather, sum,
+  from_first); outside a job each is the identity, so the loop has no branch for one process.
+- sync_batch_norm(): batch norm over the global batch, so that N workers train as one process would. torch's
+  SyncBatchNorm runs on CUDA only (its kernels are CUDA's), so the CPU gets CrossProcessBatchNorm, its sums
+  all-reduced through gloo with their gradients (SummedOverWorkers).
+"""
 
 import contextlib
 import datetime
