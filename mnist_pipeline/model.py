@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_pipeline.errors import PipelineError, gist
-from mnist_pipeline.params import MODEL_KEYS_BY_ARCH, ModelParams
+from mnist_pipeline.params import ModelParams
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -175,7 +175,7 @@ def architecture_for(model: ModelParams, image_size: int, num_classes: int) -> d
     """What models/model.pt records to rebuild the network: its name, the data's shape, and the model keys
     the architecture reads. The CNN's lacks the name, so its model.pt is byte for byte what it always was."""
     named = {"arch": model.arch} if model.arch != DEFAULT_ARCH else {}
-    keys = {key: getattr(model, key) for key in MODEL_KEYS_BY_ARCH[model.arch]}
+    keys = model.chosen.model_dump()
     return {**named, "image_size": image_size, "num_classes": num_classes, **keys}
 
 
@@ -201,7 +201,7 @@ def output_layer(model: PixelClassifier, architecture: dict) -> nn.Linear:
 
 
 def frozen_backbone(model: PixelClassifier, architecture: dict) -> nn.Module | None:
-    """With model.freeze, everything before the head, its parameters made constant; else None.
+    """With model.resnet18.freeze, everything before the head, its parameters made constant; else None.
 
     The caller keeps it in eval mode too, so its batch-norm statistics stay as they are.
     """

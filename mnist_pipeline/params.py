@@ -17,15 +17,6 @@ PARAMS_FILE = Path("params.yaml")
 # The four files of an MNIST-format dataset, by the key that names each one in the dataset section.
 DATASET_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 
-# The model keys each architecture reads (mnist_pipeline/model.py has one builder per name); the others are
-# validated all the same, and ignored.
-MODEL_KEYS_BY_ARCH = {
-    "cnn": ("conv_channels", "convs_per_block", "kernel_size", "batch_norm", "fc_units", "activation", "dropout"),
-    "resnet18": ("pretrained", "freeze", "input_size"),
-}
-PRETRAINED_ARCHS = ("resnet18",)  # the architectures with published ImageNet weights that the pipeline can fetch
-
-
 def _as_written(value: Any, validate) -> Any:
     """Check a number against its float schema but keep it as the YAML wrote it: 0 stays the int 0, since
     models/model.pt records model.dropout and its bytes must not change with pydantic's float conversion."""
@@ -132,8 +123,9 @@ class PreprocessParams(Section):
     train_limit: Annotated[int, Field(ge=0)]
 
 
-class ModelParams(Section):
-    arch: Literal[tuple(MODEL_KEYS_BY_ARCH)]
+class CnnParams(Section):
+    """model.cnn: the classic small CNN of mnist_pipeline/model.py."""
+
     conv_channels: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=4)]
     convs_per_block: Annotated[int, Field(ge=1, le=4)]
     kernel_size: Annotated[int, Field(ge=1, le=7, description="an odd integer from 1 to 7"), AfterValidator(_odd)]
@@ -141,25 +133,43 @@ class ModelParams(Section):
     fc_units: Annotated[int, Field(ge=1, le=8192)]
     activation: Literal["relu", "leaky_relu", "tanh", "sigmoid"]
     dropout: number(ge=0, lt=1)
+
+
+class Resnet18Params(Section):
+    """model.resnet18: torchvision's ResNet-18, from scratch or from ImageNet weights."""
+
     pretrained: Literal["none", "imagenet"]
     freeze: bool
     input_size: Annotated[int, Field(ge=32, le=512)]
 
     @model_validator(mode="after")
-    def _makes_a_network(self):
-        """The combinations of model keys that make no network: each names the keys at odds and a way out."""
-        if self.pretrained != "none" and self.arch not in PRETRAINED_ARCHS:
-            raise ValueError(
-                f"model.pretrained = {self.pretrained!r} is not allowed with model.arch = {self.arch!r}: "
-                f"pretrained weights exist for {', '.join(PRETRAINED_ARCHS)} only; expected none"
-            )
+    def _trains_something(self):
         if self.freeze and self.pretrained == "none":
             raise ValueError(
-                "model.freeze = true is not allowed with model.pretrained = 'none': a frozen backbone that was never "
-                "trained stays random, and only the last layer would learn; set model.pretrained: imagenet, "
-                "or model.freeze: false"
+                "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': a frozen backbone "
+                "that was never trained stays random, and only the last layer would learn; set "
+                "model.resnet18.pretrained: imagenet, or model.resnet18.freeze: false"
             )
         return self
+
+
+class ModelParams(Section):
+    """One group of keys per architecture; model.arch picks the one that builds the network, and the train stage
+    depends on that group only (dvc.yaml: model.${model.arch}), so the other's keys change nothing."""
+
+    arch: Literal["cnn", "resnet18"]
+    cnn: Annotated[CnnParams, Field(description="a mapping of the CNN's keys")]
+    resnet18: Annotated[Resnet18Params, Field(description="a mapping of ResNet-18's keys")]
+
+    @property
+    def chosen(self) -> CnnParams | Resnet18Params:
+        """The group of the architecture model.arch names."""
+        return getattr(self, self.arch)
+
+    @property
+    def pretrained(self) -> str:
+        """The pretrained weights the chosen architecture starts from: none, or imagenet."""
+        return self.resnet18.pretrained if self.arch == "resnet18" else "none"
 
 
 class WeightsParams(Section):
@@ -219,6 +229,8 @@ class Params(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Params.model_fields.items()}
+# The sections and the groups inside one (model's, one per architecture) by dotted name, as the messages name them.
+GROUPS = {**SECTIONS, **{f"model.{name}": field.annotation for name, field in ModelParams.model_fields.items() if name != "arch"}}
 
 
 def _check_cuda(params: Params, source: Path) -> None:
@@ -262,7 +274,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as invalid:
-        problem = min(invalid.errors(), key=functools.partial(rank, SECTIONS))
-        raise PipelineError(f"{path}: {describe_problem(SECTIONS, problem, raw)}") from None
+        problem = min(invalid.errors(), key=functools.partial(rank, GROUPS))
+        raise PipelineError(f"{path}: {describe_problem(GROUPS, problem, raw)}") from None
     _check_cuda(params, path)
     return params

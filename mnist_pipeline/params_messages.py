@@ -82,45 +82,54 @@ UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # pydantic's error types for a
 
 def rank(sections: Sections, error: dict) -> tuple:
     """The order in which problems are reported, one at a time: unknown sections, missing sections, then section by
-    section its shape, unknown keys, and its keys in order; the rules across keys last, once every key is valid."""
+    section, group by group, its shape, unknown keys, and its keys in order; the rules across keys last, once every
+    key is valid."""
     loc, kind = error["loc"], error["type"]
-    if (len(loc) == 1 and kind in UNKNOWN_KEY) or loc[0] not in sections:
+    top = [name for name in sections if "." not in name]
+    if loc[0] not in top or (len(loc) == 1 and kind in UNKNOWN_KEY):
         return (0,)
     if len(loc) == 1 and kind == "missing":
-        return (1, list(sections).index(loc[0]))
-    section = list(sections).index(loc[0])
-    if len(loc) == 1 and kind == "value_error":
-        return (3, section)
-    if len(loc) == 1:
-        return (2, section, 0)
-    keys = list(sections[loc[0]].model_fields)
-    return (2, section, 1) if kind in UNKNOWN_KEY else (2, section, 2, keys.index(loc[1]))
+        return (1, top.index(loc[0]))
+    order, group = [top.index(loc[0])], str(loc[0])
+    for depth, key in enumerate(loc[1:], start=1):
+        if group not in sections:  # inside a value (a dataset file's mapping): ranked as that value
+            break
+        last = depth == len(loc) - 1
+        order += [1, 0] if last and kind in UNKNOWN_KEY else [2, list(sections[group].model_fields).index(key)]
+        group = f"{group}.{key}"
+    if group in sections and kind not in ("missing", "value_error"):
+        order += [0, 0]  # the group itself is no mapping: before its keys
+    return (3 if kind == "value_error" and group in sections else 2, *order)
 
 
 def describe_problem(sections: Sections, error: dict, raw: dict) -> str:
     """pydantic's error as the one-line message users see, for every error type: the dotted key, the value as
     params.yaml has it (a list or mapping whole, not the item pydantic blames) and what is allowed."""
     loc, kind = error["loc"], error["type"]
+    top = [name for name in sections if "." not in name]
     if rank(sections, error) == (0,):
-        name = first_unknown(raw, sections)[0]
-        guess = closest(name, list(sections))
+        name = first_unknown(raw, top)[0]
+        guess = closest(name, top)
         hint = f" (did you mean '{guess}'?)" if guess else ""
-        return f"unknown section '{name}'{hint}; the sections are: {', '.join(sections)}"
-    section = loc[0]
-    if len(loc) == 1:
+        return f"unknown section '{name}'{hint}; the sections are: {', '.join(top)}"
+    depth = max(i for i in range(1, len(loc) + 1) if ".".join(map(str, loc[:i])) in sections)
+    group, rest, value = ".".join(map(str, loc[:depth])), loc[depth:], raw
+    for part in loc[:depth]:
+        value = value[part]
+    if not rest:
         if kind == "missing":
-            return f"missing section '{section}'"
+            return f"missing section '{group}'"
         if kind == "value_error":  # a model_validator's rule across keys: its own words
             return str(error["ctx"]["error"])
-        return f"section '{section}' must be a mapping of keys to values, got {raw[section]!r}"
-    keys = sections[section].model_fields
-    if len(loc) == 2 and kind in UNKNOWN_KEY:
-        word, key = first_unknown(raw[section], keys)
+        return f"section '{group}' must be a mapping of keys to values, got {value!r}"
+    keys = sections[group].model_fields
+    if len(rest) == 1 and kind in UNKNOWN_KEY:
+        word, key = first_unknown(value, keys)
         return (
-            f"unknown key {section}.{word} = {raw[section][key]!r}{did_you_mean(sections, section, word)}; "
-            f"the keys of '{section}' are: {', '.join(keys)}"
+            f"unknown key {group}.{word} = {value[key]!r}{did_you_mean(sections, group, word)}; "
+            f"the keys of '{group}' are: {', '.join(keys)}"
         )
-    key = loc[1]
-    if len(loc) == 2 and kind == "missing":
-        return f"missing key {section}.{key} (expected {allowed_for(sections[section], key)})"
-    return f"{section}.{key} = {raw[section][key]!r} is not allowed; expected {allowed_for(sections[section], key)}"
+    key = rest[0]
+    if len(rest) == 1 and kind == "missing":
+        return f"missing key {group}.{key} (expected {allowed_for(sections[group], key)})"
+    return f"{group}.{key} = {value[key]!r} is not allowed; expected {allowed_for(sections[group], key)}"

@@ -241,7 +241,7 @@ def graph_blocker(params: Params, worker: Worker) -> str:
         f"train.optimizer is {train.optimizer}; adam and adamw are captured": train.optimizer == "sgd",
         "fp16's loss scaling reads back whether the gradients are finite": fp16,
         "the step draws random numbers: train's augmentation": augments(train),
-        "the step draws random numbers: model.dropout": params.model.arch == "cnn" and params.model.dropout > 0,
+        "the step draws random numbers: model.cnn.dropout": params.model.arch == "cnn" and params.model.cnn.dropout > 0,
     }
     return next((reason for reason, blocks in reasons.items() if blocks), "")
 

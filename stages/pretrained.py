@@ -1,4 +1,4 @@
-"""Stage 2, pretrained: fetch the ImageNet weights model.pretrained asks for into data/pretrained/, or nothing.
+"""Stage 2, pretrained: fetch the ImageNet weights model.resnet18.pretrained asks for into data/pretrained/, or nothing.
 
 The weights are an input like the data: the same mirrors logic ($MNIST_PIPELINE_MIRRORS first), bounds and
 messages as the download stage, verified by the SHA-256 in params.yaml before they are renamed into place.
@@ -24,8 +24,8 @@ def main() -> None:
     max_bytes = params.download.max_megabytes * MEGABYTE
     if target is None:
         with atomic_path(NONE_NOTE) as temp:
-            temp.write_text("model.pretrained is none: this run needs no pretrained weights\n")
-        message = "no pretrained weights needed (model.pretrained: none)"
+            temp.write_text("this run needs no pretrained weights (model.arch is not resnet18, or model.resnet18.pretrained is none)\n")
+        message = "no pretrained weights needed (model.arch: cnn, or model.resnet18.pretrained: none)"
     elif already_verified(target, params.weights.sha256, max_bytes, bounded_file_sha256):
         message = f"{target.name}: already present and verified"
     else:

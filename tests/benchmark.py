@@ -50,7 +50,7 @@ from stages import train  # noqa: E402
 # fastest honest one for the machine (fastest_precision): bf16 autocast where the CPU computes bf16 natively
 # (AVX512-BF16 or AMX; weights and optimiser state stay fp32), fp32 elsewhere, where bf16 is emulated and slower.
 FAST = {
-    "model": {"dropout": 0.0},
+    "model": {"cnn": {"dropout": 0.0}},
     "train": {
         "epochs": 1,
         "batch_size": 256,
@@ -62,7 +62,7 @@ FAST = {
 }
 # The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
 BEST = {
-    "model": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256},
+    "model": {"cnn": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256}},
     "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},
 }
 
@@ -233,10 +233,13 @@ def print_machine(params, device: torch.device, threads: int) -> tuple[str, str]
 
 
 def with_overrides(params, overrides: dict):
-    """params.yaml's params with some keys of the model and train sections replaced."""
+    """params.yaml's params with some keys of the model and train sections replaced: model.arch, and the keys of a
+    model group given as a mapping ({"cnn": {"dropout": 0.0}})."""
+    model = overrides.get("model", {})
+    groups = {name: getattr(params.model, name).model_copy(update=keys) for name, keys in model.items() if isinstance(keys, dict)}
     return params.model_copy(
         update={
-            "model": params.model.model_copy(update=overrides.get("model", {})),
+            "model": params.model.model_copy(update={**model, **groups}),
             "train": params.train.model_copy(update=overrides.get("train", {})),
         }
     )
@@ -269,7 +272,7 @@ def timed_training(name: str, params, cache_features: bool = True) -> TrainingRu
 # ResNet-18 recipes small enough for a CPU: 32x32 inputs, three epochs, and no shifts, so that a frozen backbone's
 # features are computed once; the CNN trains with the same settings. "imagenet" is whatever file data/pretrained/ holds for the weights section of params.yaml.
 TRANSFER_TRAIN = {"epochs": 3, "shift_pixels": 0}
-RESNET = {"arch": "resnet18", "input_size": 32}
+RESNET = {"input_size": 32}
 TRANSFER = {
     "ResNet-18 from scratch": ({**RESNET, "pretrained": "none", "freeze": False}, True),
     "ResNet-18 frozen, features cached": ({**RESNET, "pretrained": "imagenet", "freeze": True}, True),
@@ -286,9 +289,10 @@ def transfer_learning(params, device: str) -> None:
     runs = [timed_training("CNN (params.yaml's)", cnn_params)]
     for name, (model_overrides, cache) in TRANSFER.items():
         if model_overrides["pretrained"] != "none" and not weights.exists():
-            report(name, f"skipped: no {weights} (dvc repro pretrained, with model.pretrained: imagenet)")
+            report(name, f"skipped: no {weights} (dvc repro pretrained, with model.resnet18.pretrained: imagenet)")
             continue
-        transfer_params = with_overrides(params, {"model": model_overrides, "train": {**TRANSFER_TRAIN, "device": device}})
+        transfer_params = with_overrides(params, {"model": {"arch": "resnet18", "resnet18": model_overrides},
+                                                  "train": {**TRANSFER_TRAIN, "device": device}})
         runs.append(timed_training(name, transfer_params, cache_features=cache))
     print(f"\n{'transfer learning':<36} {'epochs':>6} {'seconds':>8} {'s/epoch':>8} {'test acc':>9}")
     for run in runs:
@@ -461,7 +465,7 @@ def fast_recipe_over_seeds(fast_params, seeds: int) -> dict[str, str]:
 
 def resnet_epoch(params, device: str, size: int) -> dict[str, str]:
     """ResNet-18 from scratch for one epoch at size x size inputs, params.yaml's train settings otherwise."""
-    recipe = with_overrides(params, {"model": {"arch": "resnet18", "input_size": size, "pretrained": "none", "freeze": False},
+    recipe = with_overrides(params, {"model": {"arch": "resnet18", "resnet18": {"input_size": size, "pretrained": "none", "freeze": False}},
                                      "train": {"epochs": 1, "device": device}})
     run = timed_training(f"ResNet-18 at {size}x{size}", recipe)
     report(f"ResNet-18 at {size}x{size}, 1 epoch", f"{run.step_seconds:.1f} s of steps, {run.images / run.step_seconds:,.0f} images/s, "

@@ -26,7 +26,7 @@ from stages import preprocess, train
 # statistics must be the global batch's.
 EQUIVALENT = {
     **TINY_PARAMS,
-    "model": {**TINY_PARAMS["model"], "batch_norm": True, "dropout": 0.0},
+    "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "batch_norm": True, "dropout": 0.0}},
     "train": {**TINY_PARAMS["train"], "epochs": 6, "shift_pixels": 0},
 }
 

@@ -300,7 +300,7 @@ def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(w
 
 def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
     """The trial steps that make torch.compile compile up front are undone: weights, optimiser, random draws."""
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "dropout": 0.3}})
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "dropout": 0.3}}})
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
     params = load_params()
