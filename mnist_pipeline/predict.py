@@ -165,7 +165,7 @@ def decode_image(source, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except UnidentifiedImageError:
         raise NotAnImage(f"{name}: not an image ({IMAGE_FORMATS}), .npy array or IDX file") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{name}: more than {MAX_PIXELS:,} pixels, which this command does not decode "
+        raise ImageTooLarge(f"{name}: more than {max_pixels:,} pixels, which this command does not decode "
                             f"(it would take too much memory)") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged or truncated files
         raise NotAnImage(f"{name}: damaged or truncated image ({gist(error)})") from None

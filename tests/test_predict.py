@@ -89,7 +89,8 @@ def test_every_variant_becomes_the_same_mnist_style_input(tmp_path):
 
 def test_images_of_another_size_and_arrays_are_read(tmp_path):
     assert predict.mnist_style(glyph(), (32, 32)).shape == (32, 32)
-    assert not predict.mnist_style(np.full((50, 40), 200, dtype=np.uint8), (28, 28)).any(), "a blank page is blank"
+    with pytest.raises(predict.NoDigit, match="no digit found"):
+        predict.mnist_style(np.full((50, 40), 200, dtype=np.uint8), (28, 28))
     images = np.stack([predict.mnist_style(glyph(), (28, 28))] * 3)
     np.save(tmp_path / "batch.npy", images)
     np.save(tmp_path / "floats.npy", images[0] / 255.0)
