@@ -34,7 +34,7 @@ IMAGE_FORMATS = "PNG, JPEG, BMP, GIF or TIFF"
 # Ink must stand this many grey levels above the local background to count as a digit at all.
 MIN_CONTRAST = 32
 # A mark whose ink spans less than this share of the image's shorter side, both ways, is a speck, not a digit.
-MIN_EXTENT = 1 / 16
+MIN_EXTENT = 1 / 12
 
 
 class NoDigit(PipelineError):

@@ -11,6 +11,7 @@ function blank() {
   context.fillStyle = "#fff";
   context.fillRect(0, 0, canvas.width, canvas.height);
   inked = false;
+  canvas.dataset.pending = "0";
   generation += 1; // an answer for an earlier drawing must not show
   show(null);
 }
@@ -43,6 +44,7 @@ function show(result) {
 // One request at a time; strokes drawn meanwhile are sent once it returns, so the answer follows the pen.
 async function ask() {
   if (!inked) return show(null);
+  canvas.dataset.pending = "1"; // for tests and tools: "0" once the answer to the last stroke is shown
   if (inFlight) { again = true; return; }
   inFlight = true;
   const asked = generation;
@@ -61,7 +63,7 @@ async function ask() {
     status.textContent = "the server could not be reached";
   } finally {
     inFlight = false;
-    if (again) { again = false; ask(); }
+    if (again) { again = false; ask(); } else canvas.dataset.pending = "0";
   }
 }
 
