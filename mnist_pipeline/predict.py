@@ -85,21 +85,30 @@ class Classifier:
 
 
 def ink_levels(grey: np.ndarray) -> np.ndarray:
-    """How much ink each pixel of a grey image (H, W) holds, 0 and up, whatever the polarity and the lighting.
+    """How much ink each pixel of a grey image (H, W) holds, 0-255, whatever the polarity and the lighting.
 
-    The background is estimated locally, by a grey-level opening wider than any stroke: a brightness gradient, a
-    shadow or uneven paper is background, not ink, so it neither widens the crop nor shrinks the digit. What is
-    left of the background's noise (the level most pixels keep) is taken off too.
+    The background is estimated locally, by a grey-level opening (or closing, for a light page) wider than any
+    stroke. On a light page, ink is the share of the local paper's light it takes away: light falls on paper and
+    ink alike, so a brightness gradient or a shadow neither counts as ink nor dims the digit. Light ink on a dark
+    background (MNIST's own, a screen) is what stands above the local background. What is left of the
+    background's noise (the level most pixels keep) is taken off too.
     """
     grey = grey.astype(np.float32)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if float(np.median(border)) > 127.5:  # dark ink on a light background: MNIST's digits are light on black
-        grey = 255.0 - grey
     if min(grey.shape) >= 64:  # photos: a 3x3 median takes out specks without thinning strokes, which are wider
         grey = ndimage.median_filter(grey, size=3)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     window = max(3, min(grey.shape) // 4 | 1)  # strokes are narrower than a quarter of the image
-    background = ndimage.uniform_filter(ndimage.grey_opening(grey, size=(window, window)), size=window // 2 | 1)
-    ink = np.clip(grey - np.minimum(background, grey), 0, None)
+    # Extended beyond its edges linearly (an odd reflection), a gradient stays a gradient up to the border, where
+    # an opening would otherwise mistake it for ink.
+    padded = np.pad(grey, window, mode="reflect", reflect_type="odd")
+    light_page = float(np.median(border)) > 127.5
+    morphology = ndimage.grey_closing if light_page else ndimage.grey_opening
+    background = morphology(padded, size=(window, window))[window:-window, window:-window]
+    if light_page:  # dark ink
+        ink = 255.0 * (1.0 - grey / np.maximum(background, 1.0))
+    else:
+        ink = grey - background
+    ink = np.clip(ink, 0, 255)
     median = float(np.median(ink))
     noise = median + 3 * 1.4826 * float(np.median(np.abs(ink - median)))
     return np.clip(ink - noise, 0, None)
