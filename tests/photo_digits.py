@@ -52,6 +52,29 @@ def photo(digit: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def write_examples(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The README's examples: MNIST test digits saved as a user might have them (the first of each class used)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first = {int(label): images[list(labels).index(label)] for label in (0, 1, 2, 4, 7, 9)}
+    rng = np.random.default_rng(0)
+
+    def enlarged(digit: np.ndarray, side: int) -> np.ndarray:
+        return np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+
+    page = np.full((300, 400), 245.0)  # a 7 in dark ink on a white page, off-centre
+    page[150:270, 240:360] -= enlarged(first[7], 120) * 220
+    Image.fromarray(page.astype(np.uint8)).save(folder / "seven.png")
+    grey = 170 - enlarged(first[2], 96) * 120  # a 2 in dark grey on grey paper, as a JPEG
+    Image.fromarray(grey.astype(np.uint8)).save(folder / "two.jpg", quality=75)
+    blue = enlarged(first[1], 100)[..., None] * np.array([200, 160, 40])  # a 1 in blue ink on white, as a BMP
+    Image.fromarray((255 - blue).astype(np.uint8), "RGB").save(folder / "one.bmp")
+    rgba = np.zeros((112, 112, 4), np.uint8)  # a 0 in black on a transparent PNG
+    rgba[..., 3] = (enlarged(first[0], 112) * 255).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "zero.png")
+    Image.fromarray(photo(first[4], "gradient", rng)).save(folder / "four-gradient.png")  # light falling off
+    Image.fromarray(photo(first[9], "shadow", rng)).save(folder / "nine-shadow.jpg", quality=85)  # a shadowed corner
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mnist_pipeline.predict import Classifier, NoDigit, mnist_style
@@ -61,8 +84,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="test digits per kind (default: 1000)")
     parser.add_argument("--model", default="models/model.onnx")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-examples", metavar="DIR", help="write the README's examples into DIR and stop")
     args = parser.parse_args()
     images, labels = load_split("test")
+    if args.write_examples:
+        return write_examples(Path(args.write_examples), images, labels)
     images, labels = images[: args.images], labels[: args.images]
     classifier = Classifier(args.model)
     mnist = (classifier.probabilities(images[:, None]).argmax(1) == labels).mean()
