@@ -159,8 +159,9 @@ def grey_levels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"))
 
 
-def decode_image(source, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The grey levels of an image file (a path or a binary file object); its size is checked before decoding."""
+def decode_image(source, name: str, max_pixels: int = MAX_PIXELS, also: str = "") -> np.ndarray:
+    """The grey levels of an image file (a path or a binary file object); its size is checked before decoding.
+    `also` names what else the caller would have taken, for the message about a file that is no image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it in one line
@@ -172,7 +173,7 @@ def decode_image(source, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             image.load()
             return grey_levels(image)
     except UnidentifiedImageError:
-        raise NotAnImage(f"{name}: not an image ({IMAGE_FORMATS}), .npy array or IDX file") from None
+        raise NotAnImage(f"{name}: not an image ({IMAGE_FORMATS}){also}") from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{name}: more than {max_pixels:,} pixels, which this command does not decode "
                             f"(it would take too much memory)") from None
@@ -189,7 +190,7 @@ class ImageTooLarge(PipelineError):
 
 
 def read_image_file(path: Path) -> np.ndarray:
-    return decode_image(path, str(path))
+    return decode_image(path, str(path), also=", .npy array or IDX file")
 
 
 def read_array_file(path: Path, data: bytes) -> np.ndarray:
