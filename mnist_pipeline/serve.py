@@ -53,11 +53,13 @@ class Batcher:
 
     A call starts as soon as the first images arrive and no more than `max_wait` seconds later, with at most
     `max_batch` images (a larger request runs alone); requests that arrive while a call runs wait for the next one.
+    It waits only while other requests are being handled (`active()` counts them), so a lone request never does.
     onnxruntime runs in one thread of its own, so the event loop keeps accepting requests meanwhile.
     """
 
-    def __init__(self, session, max_batch: int, max_wait: float, batch_sizes: Histogram):
+    def __init__(self, session, max_batch: int, max_wait: float, batch_sizes: Histogram, active=lambda: 0):
         self.session, self.max_batch, self.max_wait, self.batch_sizes = session, max_batch, max_wait, batch_sizes
+        self.active = active
         self.output_names = [o.name for o in session.get_outputs()]
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
@@ -89,7 +91,7 @@ class Batcher:
                     item = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or self.active() <= len(batch):  # nobody else could join
                         break
                     try:
                         item = await asyncio.wait_for(self.queue.get(), remaining)
@@ -238,11 +240,43 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class Measure:
+    """ASGI middleware: every request counted, timed and, if it failed, counted as an error, by route template;
+    `active` holds how many are being handled. (Pure ASGI: Starlette's BaseHTTPMiddleware costs more a request.)"""
+
+    def __init__(self, app, metrics: Metrics, active: list[int]):
+        self.app, self.metrics, self.active = app, metrics, active
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # a bug's traceback never reaches send: Starlette answers 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.active[0] += 1
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.active[0] -= 1
+            path = getattr(scope.get("route"), "path", "other")  # templates only: fuzzed paths make no new series
+            self.metrics.requests.labels(path, str(status)).inc()
+            if status >= 400:
+                self.metrics.errors.labels(path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
 def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms: float = 2.0) -> FastAPI:
     """The service for one model file (None: the default model, found as mnist-predict finds it)."""
     served = ServedModel(None if model is None else Path(model))
     metrics = Metrics(max_batch)
-    batcher = Batcher(served.classifier.session, max_batch, max_wait_ms / 1000, metrics.batch_sizes) if served.classifier else None
+    active = [0]  # requests being handled now
+    batcher = (Batcher(served.classifier.session, max_batch, max_wait_ms / 1000, metrics.batch_sizes, lambda: active[0])
+               if served.classifier else None)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -257,6 +291,7 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
                               "for image files and a draw-a-digit page at `/`.", docs_url=None, redoc_url=None)
     app.state.served, app.state.metrics = served, metrics
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.add_middleware(Measure, metrics=metrics, active=active)
     app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -269,23 +304,6 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")}, 400)
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: counted, then answered by Starlette's 500
-            metrics.errors.labels("other", "500").inc()
-            raise
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")  # templates only: fuzzed paths must not make new series
-        status = str(response.status_code)
-        metrics.requests.labels(path, status).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(path, status).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
 
     def classifier() -> Classifier:
         if served.classifier is None:
