@@ -218,3 +218,16 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     print(result.stdout[-1500:])
     assert summary and int(summary.group(1)) >= 100, result.stdout[-2000:]
     assert process.poll() is None
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(server):
+    url, process = server
+    chunk = b"\0" * (1024 * 1024)
+
+    def body():  # no Content-Length: requests sends it chunked
+        for _ in range(serve.MAX_BODY // len(chunk) + 2):
+            yield chunk
+
+    answer = requests.post(f"{url}/v2/models/mnist/infer", data=body(), timeout=60)
+    assert answer.status_code == 413 and "over the limit" in answer.json()["error"]
+    assert requests.get(f"{url}/v2/health/live", timeout=30).status_code == 200 and process.poll() is None
