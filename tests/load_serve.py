@@ -2,8 +2,8 @@
 
 A bounded load generator (asyncio and aiohttp, a fixed number of clients, each sending its next request when its
 last is answered) sends single-image Open Inference Protocol requests to a real `mnist-serve` on 127.0.0.1 for a
-fixed time per concurrency. In the same run, onnxruntime alone runs the same model one image a call and 64 a call:
-the ceiling that batching works against. Run after `make repro`:
+fixed time per concurrency, with batching and without (--max-batch 1). In the same run, onnxruntime alone runs the
+same model one image a call and 64 a call: the ceiling the server works against. Run after `make repro`:
 
     .venv/bin/python tests/load_serve.py [--model models/model.onnx] [--seconds 10] [--concurrency 1 8 64]
 
@@ -85,12 +85,13 @@ def main() -> None:
     single, batched = onnxruntime_rate(args.model, 1, args.seconds / 2), onnxruntime_rate(args.model, 64, args.seconds / 2)
     print(f"onnxruntime alone: {single:,.0f} images/s one a call; {batched:,.0f} images/s 64 a call "
           f"({batched / single:.1f}x)")
-    with mnist_serve("--model", args.model, "--max-wait-ms", args.max_wait_ms) as (url, _):
-        for concurrency in args.concurrency:
-            result = asyncio.run(load(url, concurrency, args.seconds))
-            print(f"concurrency {concurrency:3d}: {result['rate']:7,.0f} requests/s ({result['rate'] / single:.2f}x "
-                  f"onnxruntime one a call), p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, "
-                  f"{result['errors']} errors in {result['requests']:,} requests")
+    for setting, options in (("batching", ["--max-wait-ms", args.max_wait_ms]), ("no batching", ["--max-batch", "1"])):
+        with mnist_serve("--model", args.model, *options) as (url, _):
+            for concurrency in args.concurrency:
+                result = asyncio.run(load(url, concurrency, args.seconds))
+                print(f"mnist-serve, {setting:11s}, concurrency {concurrency:3d}: {result['rate']:7,.0f} requests/s, "
+                      f"p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, {result['errors']} errors in "
+                      f"{result['requests']:,} requests")
 
 
 if __name__ == "__main__":
