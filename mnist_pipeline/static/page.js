@@ -20,7 +20,7 @@ function show(result) {
   topList.replaceChildren();
   if (!result || result.class === null) {
     status.className = "status";
-    status.textContent = result && result.message ? "draw a digit (" + result.message + ")" : "draw a digit";
+    status.textContent = "draw a digit"; // nothing drawn yet, or the server found no digit in it
     return;
   }
   status.className = "status guess";
