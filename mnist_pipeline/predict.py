@@ -3,7 +3,7 @@
 Only onnxruntime, numpy and Pillow run here, so the command starts in a fraction of the time PyTorch takes to import.
 A real image is turned into what the model was trained on the way the MNIST database itself was made: grey levels,
 light ink on a dark background, cropped to the ink, scaled to fit the central 20/28 of the image keeping its aspect
-ratio, and centred by its centre of mass.
+ratio, and centred by its centre of mass. mnist-serve prepares its images with the same functions.
 """
 
 import argparse
@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
 from tqdm import tqdm
 
 from mnist_pipeline.errors import PipelineError, gist, run_stage
@@ -22,12 +23,37 @@ from mnist_pipeline.idx import gunzip, parse_idx
 from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, PROBABILITIES, inference_session
 
 DEFAULT_MODEL = Path("models/model.onnx")
+# The checkout this package was installed from (pip install -e), where `make repro` leaves its model.
+CHECKOUT = Path(__file__).resolve().parents[1]
 # An image this large would take gigabytes once decoded and converted; Pillow refuses to open one twice as large.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 BATCH = 256  # images per onnxruntime call
 PROGRESS_FROM = 100  # files; fewer finish before a progress bar would say anything
 IMAGE_FORMATS = "PNG, JPEG, BMP, GIF or TIFF"
+# Ink must stand this many grey levels above the local background to count as a digit at all.
+MIN_CONTRAST = 32
+# A mark whose ink spans less than this share of the image's shorter side, both ways, is a speck, not a digit.
+MIN_EXTENT = 1 / 12
+
+
+class NoDigit(PipelineError):
+    """A blank or nearly blank image: there is nothing to classify, and a guess would be noise."""
+
+
+def default_model() -> Path:
+    """models/model.onnx under the current directory, else in the checkout this package runs from."""
+    places = [DEFAULT_MODEL, CHECKOUT / DEFAULT_MODEL]
+    for place in places:
+        if place.is_file():
+            return place
+    raise PipelineError(f"no model at {Path.cwd() / DEFAULT_MODEL} nor at {places[1]}: export one first "
+                        f"(dvc repro export), or name one with --model")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    result = np.exp(logits - logits.max(1, keepdims=True))
+    return result / result.sum(1, keepdims=True)
 
 
 class Classifier:
@@ -55,29 +81,62 @@ class Classifier:
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         (result,) = self.session.run([self.output], {INPUT_NAME: pixels})
-        if self.output == LOGITS:
-            result = np.exp(result - result.max(1, keepdims=True))
-            result /= result.sum(1, keepdims=True)
-        return result
+        return softmax(result) if self.output == LOGITS else result
+
+
+def ink_levels(grey: np.ndarray) -> np.ndarray:
+    """How much ink each pixel of a grey image (H, W) holds, 0-255, whatever the polarity and the lighting.
+
+    The background is estimated locally, by a grey-level opening (or closing, for a light page) wider than any
+    stroke. On a light page, ink is the share of the local paper's light it takes away: light falls on paper and
+    ink alike, so a brightness gradient or a shadow neither counts as ink nor dims the digit. Light ink on a dark
+    background (MNIST's own, a screen) is what stands above the local background. What is left of the
+    background's noise (the level most pixels keep) is taken off too.
+    """
+    grey = grey.astype(np.float32)
+    if min(grey.shape) >= 64:  # photos: a 3x3 median takes out specks without thinning strokes, which are wider
+        grey = ndimage.median_filter(grey, size=3)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    window = max(3, min(grey.shape) // 4 | 1)  # strokes are narrower than a quarter of the image
+    # Extended beyond its edges linearly (an odd reflection), a gradient stays a gradient up to the border, where
+    # an opening would otherwise mistake it for ink.
+    padded = np.pad(grey, window, mode="reflect", reflect_type="odd")
+    light_page = float(np.median(border)) > 127.5
+    morphology = ndimage.grey_closing if light_page else ndimage.grey_opening
+    background = morphology(padded, size=(window, window))[window:-window, window:-window]
+    if light_page:  # dark ink
+        ink = 255.0 * (1.0 - grey / np.maximum(background, 1.0))
+    else:
+        ink = grey - background
+    ink = np.clip(ink, 0, 255)
+    median = float(np.median(ink))
+    noise = median + 3 * 1.4826 * float(np.median(np.abs(ink - median)))
+    return np.clip(ink - noise, 0, None)
 
 
 def mnist_style(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A grey image (H, W) of one digit, any size and polarity, as MNIST's makers prepared theirs.
+    """A grey image (H, W) of one digit, any size, polarity and lighting, as MNIST's makers prepared theirs.
 
     Ink becomes light on black; the ink's bounding box is scaled, aspect ratio kept, to fit 20x20 (for 28x28, the
-    same share of other sizes) with anti-aliasing; its centre of mass lands on the centre of the output.
+    same share of other sizes) with anti-aliasing; its centre of mass lands on the centre of the output. A blank or
+    nearly blank image raises NoDigit.
     """
-    grey = grey.astype(np.float32)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
-    if background > 127.5:  # dark ink on a light background: MNIST's digits are light on black
-        grey, background = 255.0 - grey, 255.0 - background
-    ink = np.clip(grey - background, 0, None)  # an off-white page or a grey photo background becomes black
+    ink = ink_levels(grey)
     peak = float(ink.max())
     height, width = size
-    if peak < 1:  # nothing drawn: the model sees an empty image
-        return np.zeros(size, dtype=np.uint8)
-    rows, cols = np.nonzero(ink > peak * 0.1)  # faint noise and JPEG ringing do not widen the crop
+    if peak < MIN_CONTRAST:
+        raise NoDigit("no digit found (a blank or nearly blank image)")
+    strong_rows, strong_cols = np.nonzero(ink > peak * 0.5)
+    extent = max(strong_rows.max() - strong_rows.min(), strong_cols.max() - strong_cols.min()) + 1
+    if extent < min(ink.shape) * MIN_EXTENT:
+        raise NoDigit("no digit found (only a speck of ink)")
+    # The crop: the strokes (over a quarter of the peak) and the faint ink next to them (anti-aliasing, a light
+    # touch); faint ink further off (JPEG ringing, what lighting left) neither widens the crop nor moves the centre.
+    margin = max(2, round(min(ink.shape) * 0.03))
+    strong_rows, strong_cols = np.nonzero(ink > peak * 0.25)
+    top, left = max(0, strong_rows.min() - margin), max(0, strong_cols.min() - margin)
+    ink = ink[top : strong_rows.max() + margin + 1, left : strong_cols.max() + margin + 1]
+    rows, cols = np.nonzero(ink > peak * 0.1)
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] * (255.0 / peak)
     box = (round(height * 20 / 28), round(width * 20 / 28))
     scale = min(box[0] / ink.shape[0], box[1] / ink.shape[1])
@@ -85,8 +144,6 @@ def mnist_style(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     scaled = np.asarray(Image.fromarray(np.ascontiguousarray(ink)).resize(scaled_size, Image.Resampling.LANCZOS))
     scaled = np.clip(scaled, 0, 255)
     total = scaled.sum()
-    if total <= 0:
-        return np.zeros(size, dtype=np.uint8)
     ys, xs = np.indices(scaled.shape)
     centre_y, centre_x = (ys * scaled).sum() / total, (xs * scaled).sum() / total
     # Whole-pixel shifts, as MNIST's; kept inside the frame so that no ink is cut off.
@@ -108,24 +165,38 @@ def grey_levels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"))
 
 
-def read_image_file(path: Path) -> np.ndarray:
+def decode_image(source, name: str, max_pixels: int = MAX_PIXELS, also: str = "") -> np.ndarray:
+    """The grey levels of an image file (a path or a binary file object); its size is checked before decoding.
+    `also` names what else the caller would have taken, for the message about a file that is no image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it in one line
-            image = Image.open(path)
+            image = Image.open(source)
         with image:
-            if image.width * image.height > MAX_PIXELS:
-                raise PipelineError(f"{path}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} "
+            if image.width * image.height > max_pixels:
+                raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is more than the {max_pixels:,} "
                                     f"this command decodes (it would take too much memory)")
             image.load()
             return grey_levels(image)
     except UnidentifiedImageError:
-        raise PipelineError(f"{path}: not an image ({IMAGE_FORMATS}), .npy array or IDX file") from None
+        raise NotAnImage(f"{name}: not an image ({IMAGE_FORMATS}){also}") from None
     except Image.DecompressionBombError:
-        raise PipelineError(f"{path}: more than {MAX_PIXELS:,} pixels, which this command does not decode "
+        raise ImageTooLarge(f"{name}: more than {max_pixels:,} pixels, which this command does not decode "
                             f"(it would take too much memory)") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged or truncated files
-        raise PipelineError(f"{path}: damaged or truncated image ({gist(error)})") from None
+        raise NotAnImage(f"{name}: damaged or truncated image ({gist(error)})") from None
+
+
+class NotAnImage(PipelineError):
+    """Bytes Pillow cannot decode as an image."""
+
+
+class ImageTooLarge(PipelineError):
+    """An image with more pixels than the limit, refused before it is decoded."""
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    return decode_image(path, str(path), also=", .npy array or IDX file")
 
 
 def read_array_file(path: Path, data: bytes) -> np.ndarray:
@@ -157,20 +228,29 @@ def model_inputs(path: Path, size: tuple[int, int]) -> Iterator[tuple[str, int |
     Images in array and IDX files that already have the model's size are taken as they are: such files hold a
     dataset's own images, prepared for it. Everything else is prepared the MNIST way (mnist_style).
     """
+    def prepared(name: str, image: np.ndarray) -> np.ndarray:
+        if image.shape == size and from_array:
+            return image
+        try:
+            return mnist_style(image, size)
+        except NoDigit as error:
+            raise NoDigit(f"{name}: {error}") from None
+
     try:
         with path.open("rb") as file:
             head = file.read(8)
     except OSError as error:
         raise PipelineError(f"{path} cannot be read ({error.strerror or error})") from None
-    if not is_array_file(head):
-        yield str(path), None, mnist_style(read_image_file(path), size)
+    from_array = is_array_file(head)
+    if not from_array:
+        yield str(path), None, prepared(str(path), read_image_file(path))
         return
     array = read_array_file(path, path.read_bytes())
     if array.ndim == 2:
-        yield str(path), None, array if array.shape == size else mnist_style(array, size)
+        yield str(path), None, prepared(str(path), array)
         return
     for index, image in enumerate(array):
-        yield f"{path}[{index}]", index, image if image.shape == size else mnist_style(image, size)
+        yield f"{path}[{index}]", index, prepared(f"{path}[{index}]", image)
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -192,23 +272,27 @@ def top_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> li
     return [(class_names[i], float(probabilities[i])) for i in order]
 
 
+def answer(ranked: list[tuple[str, float]]) -> dict:
+    """The JSON answer for one image, as --json prints it and mnist-serve's /predict returns it."""
+    return {"class": ranked[0][0], "probability": round(ranked[0][1], 6),
+            "top": [{"class": c, "probability": round(p, 6)} for c, p in ranked]}
+
+
 def format_row(name: str, index: int | None, ranked: list[tuple[str, float]], as_json: bool) -> str:
     if as_json:
-        row = {"file": name if index is None else name.rsplit("[", 1)[0], "class": ranked[0][0],
-               "probability": round(ranked[0][1], 6)}
+        row = {"file": name if index is None else name.rsplit("[", 1)[0]}
         if index is not None:
             row["index"] = index
-        row["top"] = [{"class": c, "probability": round(p, 6)} for c, p in ranked]
-        return json.dumps(row)
+        return json.dumps({**row, **answer(ranked)})
     others = "  ".join(f"{c} {p:.3f}" for c, p in ranked[1:])
     return f"{name}\t{ranked[0][0]}\t{ranked[0][1]:.3f}" + (f"\t{others}" if others else "")
 
 
-def predict(paths: list[str], model: Path | str, top: int, as_json: bool, threads: int = 0) -> int:
+def predict(paths: list[str], model: Path | str | None, top: int, as_json: bool, threads: int = 0) -> int:
     """Print one row per image and one line per file that could not be read; returns how many files failed."""
     if threads < 0:
         raise PipelineError(f"--threads {threads} is not allowed; expected 0 (every core) or more")
-    classifier = Classifier(model, threads)
+    classifier = Classifier(default_model() if model is None else model, threads)
     if not 1 <= top <= len(classifier.class_names):
         raise PipelineError(f"--top {top} is not allowed; expected 1 to {len(classifier.class_names)} (the model's classes)")
     files = expand(paths)
@@ -254,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         "the next classes). Reads PNG, JPEG, BMP, GIF and TIFF images, directories of them, .npy arrays and IDX files.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, directories, .npy or IDX files")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help=f"an exported ONNX model, fp32 or int8 (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", help=f"an exported ONNX model, fp32 or int8 (default: {DEFAULT_MODEL} here, "
+                        f"else in the checkout the command was installed from)")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="show the K most likely classes (default: 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for onnxruntime (default 0: every core)")

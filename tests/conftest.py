@@ -162,3 +162,75 @@ def update_params(path: Path, changes: dict) -> None:
             target = target[part]
         merge(target, values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def write_linear_model(path: Path, weights: np.ndarray, class_names: list[str], bias: np.ndarray | None = None) -> Path:
+    """A tiny ONNX model with the exported model's contract (uint8 'pixels' (N, 1, H, W) in, 'logits' and
+    'probabilities' out, class names in its metadata): logits = pixels/255 . weights (H*W, classes) + bias."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    side = int(round(np.sqrt(weights.shape[0])))
+    classes = weights.shape[1]
+    bias = np.zeros(classes, np.float32) if bias is None else bias
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["as_float", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "weights"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([-1, side * side], np.int64), "flat_shape"),
+        numpy_helper.from_array((weights / 255).astype(np.float32), "weights"),
+        numpy_helper.from_array(bias.astype(np.float32), "bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "linear", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 1, side, side])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", classes]) for name in ("logits", "probabilities")],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"class_names": ",".join(class_names)})
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, path)
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mnist_serve(*args: str, cwd: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real `mnist-serve` command on a free port of 127.0.0.1; yields its base URL and process once it is live."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mnist_pipeline.serve", "--port", str(port), *args], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/v2/health/live", timeout=2).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"mnist-serve did not start: {process.communicate()[0]}")
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -2,6 +2,7 @@
 input, bad files are one line each while the others are still predicted, and PyTorch is never imported."""
 
 import json
+import re
 import os
 import struct
 import subprocess
@@ -89,7 +90,8 @@ def test_every_variant_becomes_the_same_mnist_style_input(tmp_path):
 
 def test_images_of_another_size_and_arrays_are_read(tmp_path):
     assert predict.mnist_style(glyph(), (32, 32)).shape == (32, 32)
-    assert not predict.mnist_style(np.full((50, 40), 200, dtype=np.uint8), (28, 28)).any(), "a blank page is blank"
+    with pytest.raises(predict.NoDigit, match="no digit found"):
+        predict.mnist_style(np.full((50, 40), 200, dtype=np.uint8), (28, 28))
     images = np.stack([predict.mnist_style(glyph(), (28, 28))] * 3)
     np.save(tmp_path / "batch.npy", images)
     np.save(tmp_path / "floats.npy", images[0] / 255.0)
@@ -192,3 +194,72 @@ def test_mnist_predict_is_an_installed_command():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["mnist-predict"] == "mnist_pipeline.predict:main"
     assert "pillow" in " ".join(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]).lower()
+
+
+def on_a_page(ink: np.ndarray, lighting: str) -> np.ndarray:
+    """A white-on-black glyph as dark ink on a 300x300 page, off-centre, under `lighting`: even, a gradient
+    from left to right, or a shadow over a corner that reaches under the digit."""
+    page = np.full((300, 300), 235.0)
+    page[120:260, 40:180] -= ink.astype(float) * (235 - 25) / 255
+    ys, xs = np.indices(page.shape)
+    if lighting == "gradient":
+        page *= 0.35 + 0.65 * xs / 299
+    elif lighting == "shadow":
+        page *= np.where(np.hypot(xs, ys) < 230, 0.45, 1.0)
+    return np.round(page).astype(np.uint8)
+
+
+@pytest.mark.parametrize("lighting", ["even", "gradient", "shadow"])
+def test_gradients_and_shadows_are_not_ink(lighting):
+    reference = predict.mnist_style(glyph(), (28, 28)).astype(int)
+    prepared = predict.mnist_style(on_a_page(glyph(), lighting), (28, 28)).astype(int)
+    difference = np.abs(prepared - reference).mean()
+    assert difference < 12, f"under {lighting} light the prepared digit differs by {difference:.1f} grey levels on average"
+
+
+@pytest.mark.parametrize("lighting", ["even", "gradient", "shadow", "noise", "speck"])
+def test_a_blank_page_is_no_digit(lighting):
+    page = on_a_page(np.zeros((140, 140)), "even" if lighting in ("noise", "speck") else lighting)
+    if lighting == "noise":
+        page = np.clip(page + np.random.default_rng(0).normal(0, 10, page.shape), 0, 255).astype(np.uint8)
+    if lighting == "speck":
+        page[150:154, 150:154] = 20  # a fly-speck is no digit either
+    with pytest.raises(predict.NoDigit, match="no digit found"):
+        predict.mnist_style(page, (28, 28))
+
+
+def test_cli_says_no_digit_found_in_one_line(models, tmp_path):
+    Image.fromarray(np.full((100, 80), 250, np.uint8)).save(tmp_path / "blank.png")
+    Image.fromarray(255 - glyph()).save(tmp_path / "seven.png")
+    result = run_predict(tmp_path / "blank.png", tmp_path / "seven.png", "--model", models / "model.onnx")
+    assert result.returncode == 1 and result.stdout.startswith(f"{tmp_path}/seven.png\t")
+    assert result.stderr == f"error: {tmp_path}/blank.png: no digit found (a blank or nearly blank image)\n"
+
+
+def test_the_default_model_is_found_from_any_directory(models, tmp_path, monkeypatch, capsys):
+    checkout = tmp_path / "checkout"
+    (checkout / "models").mkdir(parents=True)
+    (checkout / "models/model.onnx").write_bytes((models / "model.onnx").read_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(predict, "CHECKOUT", checkout)
+    Image.fromarray(255 - glyph()).save("seven.png")
+    with pytest.raises(SystemExit) as exit:
+        predict.main(["seven.png"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("seven.png\t")
+    monkeypatch.setattr(predict, "CHECKOUT", tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exit:
+        predict.main(["seven.png"])
+    error = capsys.readouterr().err
+    assert exit.value.code == 1 and error.count("\n") == 1
+    assert f"no model at {elsewhere}/models/model.onnx nor at {tmp_path}/nowhere/models/model.onnx" in error
+
+
+def test_the_readmes_examples_exist():
+    readme = (REPO_ROOT / "README.md").read_text() + (REPO_ROOT / "docs/using-the-model.md").read_text()
+    named = set(re.findall(r"mnist-predict ((?:examples/\S+ ?)+)", readme))
+    files = {name for line in named for name in line.split() if "*" not in name}
+    assert files and all((REPO_ROOT / name).is_file() for name in files), files
+    for path in (REPO_ROOT / "examples").iterdir():
+        predict.read_image_file(path)  # each is an image mnist-predict reads
