@@ -458,3 +458,24 @@ def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ra
     assert sorted(float(row["train.lr"]) for row in rows) == [0.02, 0.03], table
     accuracies = [float(row["val_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True), table
+
+
+def test_mnist_seeds_queues_runs_and_summarises_two_seeds_without_touching_the_workspace(pushed_clone):
+    clone, _ = pushed_clone
+    params_before = (clone / "params.yaml").read_bytes()
+    output = run(["mnist-seeds", "--preset", "default", "--seeds", "2", "--first-seed", "7", "-S", "train.threads=1"], clone)
+    table = run(["dvc", "exp", "show", "--csv"], clone)
+    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(table))}
+    test_column = "metrics/eval.json:accuracy"  # `accuracy` alone is ambiguous: export.json has one too
+    runs = {seed: next(row for name, row in rows.items() if re.fullmatch(rf"default-seed{seed}-[\d-]+", name)) for seed in (7, 8)}
+    assert {seed: int(row["train.seed"]) for seed, row in runs.items()} == {7: 7, 8: 8}, table
+    for seed, row in runs.items():
+        line = re.search(rf"^\s+{seed}\s+default-seed{seed}-\S+\s+(\S+)\s+(\S+)\s+(\d+)$", output, flags=re.MULTILINE)
+        assert line, output
+        assert [float(line[1]), float(line[2])] == [float(row["val_accuracy"]), float(row[test_column])]
+    tests = [float(row[test_column]) for row in runs.values()]
+    expected = f"mean {np.mean(tests):.4f}, sd {np.std(tests, ddof=1):.4f}, min {min(tests):.4f}, max {max(tests):.4f} (n=2)"
+    assert f"test accuracy:  {expected}" in output, output
+    assert re.search(r"^val_accuracy:\s+mean .+\(n=2\)$", output, flags=re.MULTILINE) and "seconds:" in output, output
+    assert (clone / "params.yaml").read_bytes() == params_before, "queued runs leave the workspace alone"
+
