@@ -3,8 +3,8 @@
 It queues one experiment per seed (`dvc exp run --queue -S train.seed=K` plus the preset's `-S` values), runs the
 queue (`dvc queue start`), waits for it, and reads every result back from `dvc exp show --json`: the experiments stay
 in DVC, to compare (`make compare`), apply or push like any other. The workspace is left alone: queued experiments run
-in temporary copies of the repository. Each run's seconds are its wall time in the queue, from the moment
-`dvc queue status` first shows it running to the moment it shows it ended, as seen by polling every second or two.
+in temporary copies of the repository. Run one at a time (the default), each run's seconds are its wall time with its
+set-up: from the end of the run before it (or the start of the queue) to the time DVC committed it as an experiment.
 """
 
 import argparse
@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 from mnist_pipeline.cpu import this_cpu
 from mnist_pipeline.errors import PipelineError, gist, run_stage
@@ -53,26 +54,32 @@ def queue_states(names: list[str]) -> dict[str, str]:
     return states
 
 
-def wait(names: list[str], jobs: int) -> dict[str, float]:
-    """Start the queue's workers and wait until every experiment of `names` has ended: each one's seconds."""
+def wait(names: list[str], jobs: int) -> datetime:
+    """Start the queue's workers and wait until every experiment of `names` has ended; when the queue started."""
+    started = datetime.now()
     dvc("queue", "start", "-j", str(jobs))
-    started, seconds = {}, {}
-    last_poll = time.monotonic()
-    while len(seconds) < len(names):
+    ended = set()
+    while len(ended) < len(names):
         time.sleep(POLL_SECONDS)
-        states, now = queue_states(names), time.monotonic()
-        for name in names:
-            state = states.get(name, "")
-            if state == "Running":
-                started.setdefault(name, now)
-            elif state in ENDED and name not in seconds:
-                # One that began and ended between two polls ran for at most the time since the last one.
-                seconds[name] = now - started.get(name, last_poll)
-                print(f"{name}: {state.lower()}, {seconds[name]:.0f} s", flush=True)
+        for name, state in queue_states(names).items():
+            if state in ENDED and name not in ended:
+                ended.add(name)
+                print(f"{name}: {state.lower()}", flush=True)
                 if state == "Failed":
                     raise PipelineError(f"experiment {name} failed; `dvc queue logs {name}` shows why "
                                         f"(the other seeds keep running: `dvc queue status`)")
-        last_poll = now
+    return started
+
+
+def run_seconds(rows: dict[str, dict], started: datetime, jobs: int) -> dict[str, float | None]:
+    """Each run's seconds, from the times DVC committed the experiments: one at a time, a run lasts from the end of
+    the one before it (or the queue's start) to its own end, set-up included. Side by side, they are not known."""
+    if jobs > 1:
+        return dict.fromkeys(rows)
+    seconds, previous = {}, started
+    for name, data in sorted(rows.items(), key=lambda item: item[1]["timestamp"]):
+        end = datetime.fromisoformat(data["timestamp"])
+        seconds[name], previous = (end - previous).total_seconds(), end
     return seconds
 
 
@@ -105,16 +112,19 @@ def spread(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f}, sd {sd:.4f}, min {min(values):.4f}, max {max(values):.4f} (n={len(values)})"
 
 
-def report(preset: str, seeds: list[int], names: list[str], seconds: dict[str, float], rows: dict[str, dict]) -> None:
+def report(preset: str, seeds: list[int], names: list[str], seconds: dict[str, float | None], rows: dict[str, dict]) -> None:
     print(f"\n{preset} preset over {len(seeds)} seeds on {this_cpu().describe()}")
-    print(f"{'seed':>4}  {'experiment':<32} {'val_accuracy':>12} {'test accuracy':>13} {'seconds':>8}")
+    print(f"{'seed':>4}  {'experiment':<28} {'val_accuracy':>12} {'test accuracy':>13} {'seconds':>8}")
     for seed, name in zip(seeds, names):
-        print(f"{seed:>4}  {name:<32} {metric(rows[name], 'val_accuracy'):>12.4f} {metric(rows[name], 'test accuracy'):>13.4f} "
-              f"{seconds[name]:>8.0f}")
+        shown = "-" if seconds[name] is None else f"{seconds[name]:.0f}"
+        print(f"{seed:>4}  {name:<28} {metric(rows[name], 'val_accuracy'):>12.4f} {metric(rows[name], 'test accuracy'):>13.4f} "
+              f"{shown:>8}")
     for label in METRICS:
         print(f"{label + ':':<15} {spread([metric(rows[name], label) for name in names])}")
-    times = [seconds[name] for name in names]
-    print(f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f}")
+    times = [seconds[name] for name in names if seconds[name] is not None]
+    if times:
+        print(f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} (each run with "
+              "its set-up, one at a time)")
 
 
 def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[str]) -> None:
@@ -125,7 +135,7 @@ def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[s
     seeds = list(range(first_seed, first_seed + count))
     names = queue(preset, seeds, extra, time.strftime("%m%d-%H%M%S"))
     print(f"queued {len(names)} experiments: {', '.join(names)}", flush=True)
-    seconds = wait(names, jobs)
+    started = wait(names, jobs)
     try:
         shown = json.loads(dvc("exp", "show", "--json"))
     except json.JSONDecodeError as error:
@@ -134,7 +144,7 @@ def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[s
     missing = [name for name in names if name not in rows]
     if missing:
         raise PipelineError(f"dvc exp show has no metrics for {', '.join(missing)}: `dvc queue logs NAME` shows what happened")
-    report(preset, seeds, names, seconds, rows)
+    report(preset, seeds, names, run_seconds(rows, started, jobs), rows)
 
 
 def main(argv: list[str] | None = None) -> None:

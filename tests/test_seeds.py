@@ -40,3 +40,12 @@ def test_an_unknown_preset_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mnist_pipeline.seeds", "--preset", "bset"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr == "error: unknown preset 'bset': choose one of default, fast, best\n"
+
+
+def test_run_seconds_one_at_a_time_are_the_gaps_between_the_experiments_commits():
+    from datetime import datetime
+
+    rows = {"b": {"timestamp": "2026-12-05T07:00:52"}, "a": {"timestamp": "2026-12-05T06:58:43"}}
+    started = datetime.fromisoformat("2026-12-05T06:56:02")
+    assert seeds.run_seconds(rows, started, jobs=1) == {"a": 161.0, "b": 129.0}
+    assert seeds.run_seconds(rows, started, jobs=2) == {"a": None, "b": None}, "side by side, a run's own time is unknown"
