@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test bench compare check-int8 plots-template clean-venv gpu-kit gpu-rehearsal
+.PHONY: repro test bench compare seeds check-int8 plots-template clean-venv gpu-kit gpu-rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(VENV)/.installed-test
 compare: $(VENV)/.installed
 	$(BIN)/dvc exp show --no-pager --only-changed --sort-by val_accuracy --sort-order desc \
 		--drop 'Created|metrics/export.json:accuracy|int8_|^models/|^data/|\.py$$'
+
+# A preset (default, fast or best; mnist_pipeline/presets.py) over N seeds as queued DVC experiments, run one at a
+# time; prints each run's accuracies and seconds, then their mean, standard deviation, min and max. Needs the pipeline
+# in a git commit (each queued run starts from HEAD plus the workspace's changes, in a copy: the workspace stays as it
+# is). SEEDS_ARGS passes more options to mnist-seeds (mnist-seeds --help).
+PRESET ?= default
+N ?= 5
+seeds: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mnist-seeds --preset $(PRESET) --seeds $(N) $(SEEDS_ARGS)
 
 # The pipeline first (MNIST_PIPELINE_MIRRORS names a local copy of MNIST), then the benchmark on its data.
 bench: repro

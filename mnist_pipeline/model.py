@@ -60,7 +60,7 @@ class CNN(nn.Module):
                 layers.append(activation_layer())
             if size < 1:
                 raise PipelineError(
-                    f"model.conv_channels has {len(conv_channels)} blocks: too many pooling steps for "
+                    f"model.cnn.conv_channels has {len(conv_channels)} blocks: too many pooling steps for "
                     f"{image_size}x{image_size} images (each halves the size)"
                 )
         self.features = nn.Sequential(*layers)

@@ -19,7 +19,7 @@ DATASET_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 
 def _as_written(value: Any, validate) -> Any:
     """Check a number against its float schema but keep it as the YAML wrote it: 0 stays the int 0, since
-    models/model.pt records model.dropout and its bytes must not change with pydantic's float conversion."""
+    models/model.pt records model.cnn.dropout and its bytes must not change with pydantic's float conversion."""
     validate(value)
     return value
 

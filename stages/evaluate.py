@@ -1,7 +1,7 @@
 """Stage 5, evaluate: the trained model on the held-out test set, as headline metrics and the data of its plots.
 
-metrics/eval.json holds the headline number only, test accuracy, one short row in `dvc metrics show`; the macro
-scores and counts go to metrics/eval_details.json. The per-class numbers (metrics/per_class.csv), every prediction
+metrics/eval.json holds the headline numbers, test accuracy and macro precision, recall and F1, one short row in
+`dvc metrics show`; the counts and the device go to metrics/eval_details.json. The per-class numbers (metrics/per_class.csv), every prediction
 (metrics/predictions.csv, for the confusion matrices) and a gallery of the surest mistakes (metrics/misclassified/)
 are plots, declared in dvc.yaml.
 """
@@ -42,7 +42,6 @@ def main() -> None:
     class_names = checkpoint["class_names"]
     scores = overall_scores(actual, predicted, len(class_names))
     details = {
-        **scores,
         "misclassified": int((predicted != actual).sum()),
         "test_images": len(actual),
         "best_epoch": checkpoint["epoch"],
@@ -50,14 +49,14 @@ def main() -> None:
     }
     # eval.json is renamed last, once every plot file is written: a failed run leaves the last complete set.
     with atomic_path(METRICS_FILE) as metrics_temp:
-        dump_json(metrics_temp, {"accuracy": scores["accuracy"]})
+        dump_json(metrics_temp, scores)
         write_csv(PER_CLASS_FILE, per_class_scores(actual, predicted, class_names))
         write_csv(PREDICTIONS_FILE, predictions_table(actual, predicted, class_names))
         write_gallery(GALLERY_DIR, images, actual, predicted, logits, class_names, params.gallery_size)
         write_json(DETAILS_FILE, details)
     print(
-        f"test accuracy {scores['accuracy']:.4f}, macro precision {scores['precision_macro']:.4f}, "
-        f"recall {scores['recall_macro']:.4f}, F1 {scores['f1_macro']:.4f} on {len(actual)} images ({device.type})"
+        f"test accuracy {scores['accuracy']:.4f}, macro precision {scores['precision']:.4f}, "
+        f"recall {scores['recall']:.4f}, F1 {scores['f1']:.4f} on {len(actual)} images ({device.type})"
     )
 
 

@@ -42,31 +42,13 @@ from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize
 from mnist_pipeline.onnx_io import inference_session  # noqa: E402
 from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.prepared import load_meta, load_split  # noqa: E402
+from mnist_pipeline.presets import BEST, FAST  # noqa: E402
 from mnist_pipeline.pretrained import PRETRAINED_DIR  # noqa: E402
 from mnist_pipeline.runtime import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
 from stages import train  # noqa: E402
 
-# One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture. Its precision is the
-# fastest honest one for the machine (fastest_precision): bf16 autocast where the CPU computes bf16 natively
-# (AVX512-BF16 or AMX; weights and optimiser state stay fp32), fp32 elsewhere, where bf16 is emulated and slower.
-FAST = {
-    "model": {"cnn": {"dropout": 0.0}},
-    "train": {
-        "epochs": 1,
-        "batch_size": 256,
-        "lr": 0.01,
-        "betas": [0.8, 0.95],
-        "warmup_fraction": 0.25,
-        "shift_pixels": 0,
-    },
-}
-# The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
-BEST = {
-    "model": {"cnn": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256}},
-    "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},
-}
-
-
+# The recipes it times, FAST and BEST, come from mnist_pipeline.presets, as `mnist-seeds` and the docs take them.
+# FAST trains in the fastest honest precision for the machine (fastest_precision).
 TORCHVISION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 

@@ -91,7 +91,8 @@ if wanted repro; then
     run "dvc repro, every stage" dvc repro &&
     say "  $(grep -E "^training on" "$site/step.log" | cut -d: -f1); $(python -c "
 import json; details, export = json.load(open('metrics/eval_details.json')), json.load(open('metrics/export.json'))
-print(f\"evaluated on {details['device']}: test accuracy {details['accuracy']}; ONNX {export['accuracy']}, int8 {export['int8_accuracy']}\")" 2>&1)"
+scores = json.load(open('metrics/eval.json'))
+print(f\"evaluated on {details['device']}: test accuracy {scores['accuracy']}; ONNX {export['accuracy']}, int8 {export['int8_accuracy']}\")" 2>&1)"
 else
     dvc repro preprocess  # the data every other step trains on
 fi

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO_ROOT
+from mnist_pipeline.presets import flattened
 
 DOCS = REPO_ROOT / "docs"
 PARAMETERS_PAGE = DOCS / "parameters.md"
@@ -24,10 +25,6 @@ def pages() -> list[Path]:
 def documented_defaults() -> dict[str, str]:
     rows = re.findall(r"^\| `([a-z_]+(?:\.[a-z_0-9]+)+)` \| (.+?) \|", PARAMETERS_PAGE.read_text(), flags=re.MULTILINE)
     return dict(rows)
-
-
-# The groups of keys inside a section (model's, one per architecture): their keys are documented, not the group.
-GROUPS = {"model.cnn", "model.resnet18"}
 
 
 def test_every_param_is_documented_with_its_default():
@@ -47,23 +44,12 @@ def recipe(pattern: str) -> dict:
     return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in re.findall(r"-S (\S+)", line))}
 
 
-def flattened(preset: dict, prefix: str = "") -> dict:
-    """{"section.key": value} of a nested preset or params file; the model groups (GROUPS) are opened too."""
-    flat = {}
-    for key, value in preset.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and (not prefix or name in GROUPS):
-            flat.update(flattened(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def test_documented_recipes_are_the_presets():
+    from mnist_pipeline.presets import BEST, FAST, set_options
 
-
-def test_documented_recipes_are_the_ones_benchmarked():
-    import benchmark
-
-    assert recipe(r"dvc exp run -n best .+") == flattened(benchmark.BEST)
-    assert recipe(r"dvc exp run -S train\.epochs=1 -S .+") == flattened(benchmark.FAST)
+    assert recipe(r"dvc exp run -n best .+") == flattened(BEST)
+    assert recipe(r"dvc exp run -S train\.epochs=1 -S .+") == flattened(FAST)
+    assert " ".join(f"-S {option}" for option in set_options(BEST)) in RECIPES_PAGE.read_text(), "as mnist-seeds queues it"
 
 
 def test_readme_is_short_and_names_the_test_command():

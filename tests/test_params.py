@@ -172,7 +172,7 @@ def test_every_key_says_what_it_allows():
 
 
 def test_numbers_keep_the_type_yaml_gave_them(tmp_path):
-    """models/model.pt records model.dropout: a dropout of 0 must stay the int it was written as, not become 0.0."""
+    """models/model.pt records model.cnn.dropout: a dropout of 0 must stay the int it was written as, not become 0.0."""
     path = write_params(tmp_path / "params.yaml", "model.cnn", "dropout", 0)
     update_params(path, {"train": {"lr": 1, "weight_decay": 0.0}})
     params = load_params(path)

@@ -1,0 +1,54 @@
+"""`mnist-seeds` and the presets it queues: the `-S` values DVC gets, and the mistakes it answers in one line
+(tests/test_pipeline.py runs it for real, two seeds in a throw-away DVC repository)."""
+
+import subprocess
+import sys
+
+import yaml
+
+from mnist_pipeline import seeds
+from mnist_pipeline.presets import BEST, PRESETS, set_options
+
+
+def test_set_options_are_what_dvc_exp_run_s_parses_back_to_the_preset():
+    options = set_options(BEST)
+    assert "model.cnn.conv_channels=[32,64]" in options and "model.cnn.batch_norm=true" in options
+    parsed = {}
+    for option in options:
+        key, value = option.split("=", 1)
+        *groups, name = key.split(".")
+        target = parsed
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[name] = yaml.safe_load(value)
+    assert parsed == BEST
+    assert set_options(PRESETS["default"]) == []
+
+
+def test_experiment_rows_finds_named_experiments_wherever_dvc_nests_them():
+    record = {"metrics": {"metrics/train.json": {"data": {"val_accuracy": 0.99}}, "metrics/eval.json": {"data": {"accuracy": 0.98}}}}
+    shown = [{"rev": "workspace", "name": None, "data": {"metrics": {}}},
+             {"rev": "abc", "name": "main", "data": {"metrics": {}},
+              "experiments": [{"revs": [{"rev": "def", "name": "best-seed0-x", "data": record}], "name": "best-seed0-x"}]}]
+    rows = seeds.experiment_rows(shown, ["best-seed0-x"])
+    assert list(rows) == ["best-seed0-x"]
+    assert seeds.metric(rows["best-seed0-x"], "val_accuracy") == 0.99 and seeds.metric(rows["best-seed0-x"], "test accuracy") == 0.98
+
+
+def test_spread_is_mean_sample_sd_min_max_and_n():
+    assert seeds.spread([0.99, 0.995]) == "mean 0.9925, sd 0.0035, min 0.9900, max 0.9950 (n=2)"
+
+
+def test_an_unknown_preset_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mnist_pipeline.seeds", "--preset", "bset"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == "error: unknown preset 'bset': choose one of default, fast, best\n"
+
+
+def test_run_seconds_one_at_a_time_are_the_gaps_between_the_experiments_commits():
+    from datetime import datetime
+
+    rows = {"b": {"timestamp": "2026-12-05T07:00:52"}, "a": {"timestamp": "2026-12-05T06:58:43"}}
+    started = datetime.fromisoformat("2026-12-05T06:56:02")
+    assert seeds.run_seconds(rows, started, jobs=1) == {"a": 161.0, "b": 129.0}
+    assert seeds.run_seconds(rows, started, jobs=2) == {"a": None, "b": None}, "side by side, a run's own time is unknown"
