@@ -1,5 +1,9 @@
 """What this machine's CPU does natively, read once from /proc/cpuinfo: the features that change the pipeline's speed.
 
+Under an emulator such as qemu-user, /proc/cpuinfo still describes the host, while the program runs on the emulated
+CPU, which answers CPUID for itself. Where numpy's reading of CPUID denies a flag that /proc/cpuinfo claims, the
+emulated CPU's flags are taken, and the description says it is emulated and names the host.
+
 The benchmark prints them beside its figures and trains its fast recipe in bf16 only where the CPU has bf16
 instructions; train.mixed_precision: always warns where it has none. The int8 model's answers do not depend on them: see onnx_export.quantize_int8.
 """
@@ -15,6 +19,9 @@ CPUINFO = Path("/proc/cpuinfo")
 # AMX make bf16 matrix products native, where without them PyTorch emulates bf16 in fp32, several times slower.
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
+# numpy's names, in the features it reads with CPUID at import, of the FLAGS it knows. Under emulation the others
+# (avx_vnni, AMX) are taken to be absent: qemu's TCG emulates none of them.
+CPUID_NAMES = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,29 @@ def parse_cpuinfo(text: str) -> Cpu:
     return Cpu(model, frozenset(flag for flag in FLAGS if flag in flags))
 
 
+def as_emulated(host: Cpu, cpuid: dict[str, bool]) -> Cpu:
+    """The CPU this process runs on, given /proc/cpuinfo's `host` and CPUID's answer for the flags numpy knows
+    (CPUID_NAMES): the host itself where they agree; otherwise an emulated CPU with CPUID's flags."""
+    if all(cpuid.get(flag, False) == (flag in host.flags) for flag in CPUID_NAMES):
+        return host
+    return Cpu(f"an emulated CPU (/proc/cpuinfo names the host: {host.model})", frozenset(flag for flag in FLAGS if cpuid.get(flag)))
+
+
+def cpuid_flags() -> dict[str, bool]:
+    """Which of CPUID_NAMES's flags CPUID reports to this process, as numpy read them; {} where numpy cannot say."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__  # numpy's runtime dispatch table, private
+    except ImportError:
+        return {}
+    return {flag: bool(__cpu_features__.get(name)) for flag, name in CPUID_NAMES.items()}
+
+
 @functools.cache
 def this_cpu() -> Cpu:
-    """This machine's CPU; without a readable /proc/cpuinfo (not Linux), no flags, so nothing is assumed native."""
+    """The CPU this process runs on; without a readable /proc/cpuinfo (not Linux), no flags, so nothing is assumed native."""
     try:
-        return parse_cpuinfo(CPUINFO.read_text())
+        host = parse_cpuinfo(CPUINFO.read_text())
     except OSError:
         return Cpu(platform.processor() or platform.machine() or "unknown CPU", frozenset())
+    cpuid = cpuid_flags()
+    return as_emulated(host, cpuid) if cpuid else host

@@ -1,6 +1,16 @@
 """Data-parallel training on torch.distributed: the worker processes of one machine, started through PyTorch's own
 launcher (torch.distributed.launcher, the engine behind torchrun), or this process's place in a job that an outside
-torchrun started on several nodes; and what the workers share: batches, gradients, batch norm, features, totals."""
+torchrun started on several nodes; and what the workers share: batches, gradients, batch norm, features, totals.
+
+What the train stage uses, and why each exists:
+- launch(): one call for the three ways a stage runs (alone; starting its workers; as a worker of a torchrun job),
+  with every fault of a launch as one line (launch_error) instead of a traceback per worker.
+- Worker: a process's rank, device and threads, with the few collectives the loop needs (share, gather, sum,
+  from_first); outside a job each is the identity, so the loop has no branch for one process.
+- sync_batch_norm(): batch norm over the global batch, so that N workers train as one process would. torch's
+  SyncBatchNorm runs on CUDA only (its kernels are CUDA's), so the CPU gets CrossProcessBatchNorm, its sums
+  all-reduced through gloo with their gradients (SummedOverWorkers).
+"""
 
 import contextlib
 import datetime
@@ -21,10 +31,11 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from mnist_pipeline.device import pick_device
 from mnist_pipeline.errors import PipelineError, describe_disk_fault, disk_fault, gist
 from mnist_pipeline.files import remove_stale_temp_files
-from mnist_pipeline.model import pick_device
 from mnist_pipeline.params import Params, TrainParams
+from mnist_pipeline.prepared import load_meta
 
 # Set for every worker of a torchrun job (and by job scripts that start the workers themselves, with MASTER_ADDR
 # and MASTER_PORT): a process that has them is already a worker, and never starts workers of its own.
@@ -208,7 +219,20 @@ def launch(worker_main: Callable[[Params, Worker], Any], params: Params, outputs
     processes = planned_processes(params.train, device)
     if processes == 1:
         return worker_main(params, Worker(device, params.train.threads))
+    require_a_share_each(processes)
     return start_workers(worker_main, params, processes, outputs)
+
+
+def require_a_share_each(processes: int) -> None:
+    """Refuse, before any worker starts, splits too small to give every process a share: a worker with no
+    validation images would fail inside a collective, and take the others down with it."""
+    counts = load_meta()["counts"]
+    for split, setting in (("train", "preprocess.train_limit"), ("val", "preprocess.val_size")):
+        if counts[split] < processes:
+            raise PipelineError(
+                f"the {split} split has {counts[split]} image{'s' * (counts[split] != 1)}, fewer than the {processes} training "
+                f"processes, and each needs a share; expected train.processes <= {counts[split]}, or a larger split ({setting})"
+            )
 
 
 def start_workers(worker_main: Callable[[Params, Worker], Any], params: Params, processes: int, outputs: tuple[Path, ...] = ()) -> Any:
@@ -248,6 +272,10 @@ def join_job(worker_main: Callable[[Params, Worker], Any], params: Params) -> An
         torch.cuda.set_device(device)
     threads = max(1, (params.train.threads or len(os.sched_getaffinity(0))) // local_size)
     place = f"rank {rank} of {world_size}"
+    try:
+        require_a_share_each(world_size)
+    except PipelineError as error:
+        raise PipelineError(f"{place}: {error}") from None
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=rendezvous_timeout()))

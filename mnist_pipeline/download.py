@@ -71,8 +71,9 @@ def content_sha256(path: Path, max_bytes: int | None = None) -> str:
         raise DownloadFailed(f"not a complete gzip file ({error})", permanent=True) from None
 
 
-def file_sha256(path: Path, max_bytes: int | None = None) -> str:
-    """SHA-256 of the file's own bytes, for files that no mirror recompresses (model weights)."""
+def bounded_file_sha256(path: Path, max_bytes: int | None = None) -> str:
+    """SHA-256 of the file's own bytes, for downloads that no mirror recompresses (model weights); past max_bytes
+    it fails like a download that large (files.file_sha256 hashes a file this pipeline trusts, unbounded)."""
     with path.open("rb") as stream:
         return stream_sha256(stream, max_bytes, "is")
 

@@ -1,6 +1,7 @@
 """Output files written all-or-nothing: a temp file beside the target, renamed into place only on success."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -101,3 +102,9 @@ def require_free_space(directory: Path | str, needed: int, writer: str) -> None:
             f"{directory}: not enough free space: {writer} needs {megabytes(needed)} there, {megabytes(free)} are free; "
             f"free some space (df -h {existing}) and run the stage again"
         )
+
+
+def file_sha256(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()

@@ -1,5 +1,5 @@
-"""The networks the pipeline trains (one registry: the CNN and torchvision's ResNet-18), their input
-preparation, pretrained weights and checkpoint format."""
+"""The networks the pipeline trains (one registry: the CNN and torchvision's ResNet-18), their input preparation
+(raw pixels in, normalised inside the model), and their pretrained weights."""
 
 import copy
 import pickle
@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_pipeline.errors import PipelineError, gist
-from mnist_pipeline.params import MODEL_KEYS_BY_ARCH, ModelParams
+from mnist_pipeline.params import ModelParams
 
-MODEL_FILE = Path("models/model.pt")  # written by train, read by evaluate and export
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
@@ -176,7 +175,7 @@ def architecture_for(model: ModelParams, image_size: int, num_classes: int) -> d
     """What models/model.pt records to rebuild the network: its name, the data's shape, and the model keys
     the architecture reads. The CNN's lacks the name, so its model.pt is byte for byte what it always was."""
     named = {"arch": model.arch} if model.arch != DEFAULT_ARCH else {}
-    keys = {key: getattr(model, key) for key in MODEL_KEYS_BY_ARCH[model.arch]}
+    keys = model.chosen.model_dump()
     return {**named, "image_size": image_size, "num_classes": num_classes, **keys}
 
 
@@ -202,7 +201,7 @@ def output_layer(model: PixelClassifier, architecture: dict) -> nn.Linear:
 
 
 def frozen_backbone(model: PixelClassifier, architecture: dict) -> nn.Module | None:
-    """With model.freeze, everything before the head, its parameters made constant; else None.
+    """With model.resnet18.freeze, everything before the head, its parameters made constant; else None.
 
     The caller keeps it in eval mode too, so its batch-norm statistics stay as they are.
     """
@@ -240,82 +239,3 @@ def load_pretrained(model: PixelClassifier, architecture: dict, path: Path) -> N
             f"{path} does not fit {architecture['arch']}: "
             + "; ".join(f"{what} {', '.join(names[:3])}" for what, names in [("missing", missing), ("unexpected", unexpected)] if names)
         )
-
-
-def save_checkpoint(path: Path, network: nn.Module, architecture: dict, meta: dict, extra: dict) -> None:
-    """Everything needed to rebuild the model, in types that torch.load(weights_only=True) accepts.
-
-    Saved through a file object: given a path, torch.save names the archive's inner folder after the file,
-    and a temp file's random name would make identical models differ byte for byte.
-    """
-    with open(path, "wb") as out:
-        torch.save(
-            {
-                "state_dict": network.state_dict(),
-                "architecture": architecture,
-                "mean": float(meta["mean"]),
-                "std": float(meta["std"]),
-                "class_names": list(meta["class_names"]),
-                **extra,
-            },
-            out,
-        )
-
-
-CHECKPOINT_KEYS = ("state_dict", "architecture", "mean", "std", "class_names", "epoch", "device")  # what the stages read
-RETRAIN = "rerun the train stage (dvc repro -f train)"
-
-
-def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
-    """Rebuild the trained model in eval mode from a checkpoint written by save_checkpoint.
-
-    weights_only=True: only tensors and plain data are unpickled, never arbitrary objects, so a foreign
-    file cannot run code. A missing, damaged or foreign file is a PipelineError naming it.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on a foreign file's pickle protocol: the error below says more
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found: run the train stage first (dvc repro train)") from None
-    except (PermissionError, IsADirectoryError):
-        raise  # the file system's doing, not a damaged file: mnist_pipeline.errors.run_stage says so
-    except pickle.UnpicklingError:
-        raise PipelineError(
-            f"{path} is not a model checkpoint: it holds something other than tensors and plain data, "
-            f"which is never unpickled; {RETRAIN}"
-        ) from None
-    except Exception as error:  # torch raises several types for a damaged file: RuntimeError, EOFError, OSError
-        raise PipelineError(f"{path} is damaged or not a PyTorch file ({gist(error)}); {RETRAIN}") from None
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
-    if missing:
-        raise PipelineError(f"{path} is not a checkpoint of this pipeline: it lacks {', '.join(missing)}; {RETRAIN}")
-    try:
-        architecture = checkpoint["architecture"]
-        model = build_model(architecture, float(checkpoint["mean"]), float(checkpoint["std"]))
-        model.network.load_state_dict(checkpoint["state_dict"])
-        outputs = output_layer(model, architecture).out_features
-        if len(checkpoint["class_names"]) != outputs:
-            raise ValueError(f"{len(checkpoint['class_names'])} class names for {outputs} outputs")
-    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as error:
-        raise PipelineError(
-            f"{path} is not a checkpoint of this pipeline: its contents do not fit together ({gist(error)}); {RETRAIN}"
-        ) from None
-    return model.eval(), checkpoint
-
-
-def pick_device(setting: str, key: str) -> torch.device:
-    """'auto' takes CUDA when present; asking for CUDA without one is an error, not a silent fallback."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"{key} = 'cuda' but PyTorch sees no CUDA device; use 'auto' or 'cpu'")
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(setting)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits for uint8 pixels (N, 1, H, W) in batches, on the model's device, returned on the CPU."""
-    device = next(model.parameters()).device
-    batches = [model(pixels[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(pixels), batch_size)]
-    return torch.cat(batches)

@@ -1,6 +1,6 @@
 """The params.yaml schema: every key, its type and allowed values, as pydantic models validated in one place before any work."""
 
-import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -10,20 +10,12 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
 
 from mnist_pipeline.errors import PipelineError, gist
+from mnist_pipeline.params_messages import describe_problem, rank
 
 PARAMS_FILE = Path("params.yaml")
 
 # The four files of an MNIST-format dataset, by the key that names each one in the dataset section.
 DATASET_FILES = ("train_images", "train_labels", "test_images", "test_labels")
-
-# The model keys each architecture reads (mnist_pipeline/model.py has one builder per name); the others are
-# validated all the same, and ignored.
-MODEL_KEYS_BY_ARCH = {
-    "cnn": ("conv_channels", "convs_per_block", "kernel_size", "batch_norm", "fc_units", "activation", "dropout"),
-    "resnet18": ("pretrained", "freeze", "input_size"),
-}
-PRETRAINED_ARCHS = ("resnet18",)  # the architectures with published ImageNet weights that the pipeline can fetch
-
 
 def _as_written(value: Any, validate) -> Any:
     """Check a number against its float schema but keep it as the YAML wrote it: 0 stays the int 0, since
@@ -131,8 +123,9 @@ class PreprocessParams(Section):
     train_limit: Annotated[int, Field(ge=0)]
 
 
-class ModelParams(Section):
-    arch: Literal[tuple(MODEL_KEYS_BY_ARCH)]
+class CnnParams(Section):
+    """model.cnn: the classic small CNN of mnist_pipeline/model.py."""
+
     conv_channels: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=4)]
     convs_per_block: Annotated[int, Field(ge=1, le=4)]
     kernel_size: Annotated[int, Field(ge=1, le=7, description="an odd integer from 1 to 7"), AfterValidator(_odd)]
@@ -140,25 +133,43 @@ class ModelParams(Section):
     fc_units: Annotated[int, Field(ge=1, le=8192)]
     activation: Literal["relu", "leaky_relu", "tanh", "sigmoid"]
     dropout: number(ge=0, lt=1)
+
+
+class Resnet18Params(Section):
+    """model.resnet18: torchvision's ResNet-18, from scratch or from ImageNet weights."""
+
     pretrained: Literal["none", "imagenet"]
     freeze: bool
     input_size: Annotated[int, Field(ge=32, le=512)]
 
     @model_validator(mode="after")
-    def _makes_a_network(self):
-        """The combinations of model keys that make no network: each names the keys at odds and a way out."""
-        if self.pretrained != "none" and self.arch not in PRETRAINED_ARCHS:
-            raise ValueError(
-                f"model.pretrained = {self.pretrained!r} is not allowed with model.arch = {self.arch!r}: "
-                f"pretrained weights exist for {', '.join(PRETRAINED_ARCHS)} only; expected none"
-            )
+    def _trains_something(self):
         if self.freeze and self.pretrained == "none":
             raise ValueError(
-                "model.freeze = true is not allowed with model.pretrained = 'none': a frozen backbone that was never "
-                "trained stays random, and only the last layer would learn; set model.pretrained: imagenet, "
-                "or model.freeze: false"
+                "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': a frozen backbone "
+                "that was never trained stays random, and only the last layer would learn; set "
+                "model.resnet18.pretrained: imagenet, or model.resnet18.freeze: false"
             )
         return self
+
+
+class ModelParams(Section):
+    """One group of keys per architecture; model.arch picks the one that builds the network, and the train stage
+    depends on that group only (dvc.yaml: model.${model.arch}), so the other's keys change nothing."""
+
+    arch: Literal["cnn", "resnet18"]
+    cnn: Annotated[CnnParams, Field(description="a mapping of the CNN's keys")]
+    resnet18: Annotated[Resnet18Params, Field(description="a mapping of ResNet-18's keys")]
+
+    @property
+    def chosen(self) -> CnnParams | Resnet18Params:
+        """The group of the architecture model.arch names."""
+        return getattr(self, self.arch)
+
+    @property
+    def pretrained(self) -> str:
+        """The pretrained weights the chosen architecture starts from: none, or imagenet."""
+        return self.resnet18.pretrained if self.arch == "resnet18" else "none"
 
 
 class WeightsParams(Section):
@@ -218,120 +229,8 @@ class Params(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Params.model_fields.items()}
-
-
-def allowed_values(schema: dict) -> str:
-    """What a key's JSON schema (pydantic's) allows, in the words of the messages: its description, or 'one of a, b',
-    'true or false', 'an integer from 1 to 4', 'a number in (0, 10]', 'a list of 1 to 4 items, each ...'."""
-    if "description" in schema:
-        return schema["description"]
-    if "enum" in schema:
-        return "one of " + ", ".join(map(str, schema["enum"]))
-    kind = schema.get("type")
-    if kind == "boolean":
-        return "true or false"
-    if kind == "integer":
-        low, high = schema["minimum"], schema.get("maximum")
-        return f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-    if kind == "number":
-        low = f"({schema['exclusiveMinimum']}" if "exclusiveMinimum" in schema else f"[{schema['minimum']}"
-        high = f"{schema['exclusiveMaximum']})" if "exclusiveMaximum" in schema else f"{schema['maximum']}]"
-        return f"a number in {low}, {high}"
-    if kind == "array":
-        return f"a list of {schema['minItems']} to {schema['maxItems']} items, each {allowed_values(schema['items'])}"
-    raise TypeError(f"no words for the schema {schema}: give its field a description")
-
-
-def allowed_for(section: str, key: str) -> str:
-    return allowed_values(SECTIONS[section].model_json_schema()["properties"][key])
-
-
-def _closest(word: str, names: list[str], spelling: bool = True) -> str | None:
-    """The name a typo most likely meant: the same name in other case, a similar spelling (optimiser → optimizer),
-    the initials of a spelled-out name (learning_rate → lr), or the one name it extends or begins
-    (dropout_rate → dropout, shift → shift_pixels); None when nothing is that close."""
-    word = word.lower()
-    if word in names:
-        return word
-    similar = difflib.get_close_matches(word, names, n=1, cutoff=0.6) if spelling else []
-    if similar:
-        return similar[0]
-    initials = "".join(part[0] for part in re.split(r"[\W_]+", word) if part)
-    if len(initials) > 1 and initials in names:
-        return initials
-    related = [name for name in names if name.startswith(word + "_") or word.startswith(name + "_")]
-    return related[0] if len(related) == 1 else None
-
-
-def _did_you_mean(section: str, key: str) -> str:
-    """' (did you mean section.key?)' for an unknown key, or '': the key as another section has it
-    (train.val_size → preprocess.val_size), a close key of its own section, or a related key of another.
-    Other sections get no spelling matches: across sections those suggest unrelated keys."""
-    keys = {name: list(model.model_fields) for name, model in SECTIONS.items()}
-    others = [name for name in keys if name != section]
-    guesses = [(name, key.lower()) for name in [section] + others if key.lower() in keys[name]]
-    guesses += [(section, _closest(key, keys[section]))]
-    guesses += [(name, _closest(key, keys[name], spelling=False)) for name in others]
-    for name, guess in guesses:
-        if guess:
-            return f" (did you mean {name}.{guess}?)"
-    return ""
-
-
-def _first_unknown(mapping: dict, known) -> tuple[str, Any]:
-    """The unknown key to report, the first by name, as text and as it is. YAML keys can be numbers or booleans."""
-    unknown = {str(key): key for key in mapping if key not in known}
-    word = min(unknown)
-    return word, unknown[word]
-
-
-UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # pydantic's error types for a key no field has (invalid: not a str)
-
-
-def _rank(error: dict) -> tuple:
-    """The order in which problems are reported, one at a time: unknown sections, missing sections, then section by
-    section its shape, unknown keys, and its keys in order; the rules across keys last, once every key is valid."""
-    loc, kind = error["loc"], error["type"]
-    if (len(loc) == 1 and kind in UNKNOWN_KEY) or loc[0] not in SECTIONS:
-        return (0,)
-    if len(loc) == 1 and kind == "missing":
-        return (1, list(SECTIONS).index(loc[0]))
-    section = list(SECTIONS).index(loc[0])
-    if len(loc) == 1 and kind == "value_error":
-        return (3, section)
-    if len(loc) == 1:
-        return (2, section, 0)
-    keys = list(SECTIONS[loc[0]].model_fields)
-    return (2, section, 1) if kind in UNKNOWN_KEY else (2, section, 2, keys.index(loc[1]))
-
-
-def describe_problem(error: dict, raw: dict) -> str:
-    """pydantic's error as the one-line message users see, for every error type: the dotted key, the value as
-    params.yaml has it (a list or mapping whole, not the item pydantic blames) and what is allowed."""
-    loc, kind = error["loc"], error["type"]
-    if _rank(error) == (0,):
-        name = _first_unknown(raw, SECTIONS)[0]
-        guess = _closest(name, list(SECTIONS))
-        hint = f" (did you mean '{guess}'?)" if guess else ""
-        return f"unknown section '{name}'{hint}; the sections are: {', '.join(SECTIONS)}"
-    section = loc[0]
-    if len(loc) == 1:
-        if kind == "missing":
-            return f"missing section '{section}'"
-        if kind == "value_error":  # a model_validator's rule across keys: its own words
-            return str(error["ctx"]["error"])
-        return f"section '{section}' must be a mapping of keys to values, got {raw[section]!r}"
-    keys = SECTIONS[section].model_fields
-    if len(loc) == 2 and kind in UNKNOWN_KEY:
-        word, key = _first_unknown(raw[section], keys)
-        return (
-            f"unknown key {section}.{word} = {raw[section][key]!r}{_did_you_mean(section, word)}; "
-            f"the keys of '{section}' are: {', '.join(keys)}"
-        )
-    key = loc[1]
-    if len(loc) == 2 and kind == "missing":
-        return f"missing key {section}.{key} (expected {allowed_for(section, key)})"
-    return f"{section}.{key} = {raw[section][key]!r} is not allowed; expected {allowed_for(section, key)}"
+# The sections and the groups inside one (model's, one per architecture) by dotted name, as the messages name them.
+GROUPS = {**SECTIONS, **{f"model.{name}": field.annotation for name, field in ModelParams.model_fields.items() if name != "arch"}}
 
 
 def _check_cuda(params: Params, source: Path) -> None:
@@ -349,11 +248,21 @@ def _check_cuda(params: Params, source: Path) -> None:
         )
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats, as DVC (ruamel.yaml) reads params.yaml for `dvc params diff` and
+    `-S`: `1e-3` is a number, where YAML 1.1, PyYAML's, wants a dot (`1.0e-3`) and reads it as a string."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate the whole params file, so a mistake anywhere stops the first stage that runs."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stages from the repository root") from None
     except yaml.YAMLError as error:  # its own text spans several lines: keep where and what
@@ -365,6 +274,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as invalid:
-        raise PipelineError(f"{path}: {describe_problem(min(invalid.errors(), key=_rank), raw)}") from None
+        problem = min(invalid.errors(), key=functools.partial(rank, GROUPS))
+        raise PipelineError(f"{path}: {describe_problem(GROUPS, problem, raw)}") from None
     _check_cuda(params, path)
     return params

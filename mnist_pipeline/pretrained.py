@@ -1,4 +1,4 @@
-"""Where the pretrained stage puts, and the train stage finds, the ImageNet weights that model.pretrained asks for."""
+"""Where the pretrained stage puts, and the train stage finds, the ImageNet weights that model.resnet18.pretrained asks for."""
 
 from pathlib import Path
 
@@ -8,5 +8,5 @@ PRETRAINED_DIR = Path("data/pretrained")
 
 
 def weights_file(params: Params) -> Path | None:
-    """The weights file the params ask for; None when model.pretrained is none."""
+    """The weights file the params ask for; None where the chosen architecture starts from none."""
     return PRETRAINED_DIR / params.weights.file if params.model.pretrained == "imagenet" else None

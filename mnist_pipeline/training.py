@@ -1,30 +1,23 @@
-"""The set-up of a training run, as named steps that stages/train.py calls before and around its loop: data on the
-device, the model and its pretrained weights, optimiser and schedule, mixed precision, frozen-backbone features, and
-the state a killed run resumes from. Process-wide tuning is here too, for a stage's main to call where it shows."""
+"""A training run and its loop, as named steps that stages/train.py calls: the set-up (data on the device, the model
+and its pretrained weights, optimiser and schedule, mixed precision), the steps (eager, compiled or CUDA graphs, on
+pixels or on a frozen backbone's features), one epoch, and the evaluation on the validation split."""
 
-import contextlib
-import ctypes
 import dataclasses
 import functools
-import hashlib
-import json
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
-from mnist_pipeline.cpu import Cpu, this_cpu
+from mnist_pipeline.cpu import this_cpu
 from mnist_pipeline.cuda_graphs import CapturedSteps, TrainingState
+from mnist_pipeline.device import predict_logits
 from mnist_pipeline.distributed import Worker, sync_batch_norm
-from mnist_pipeline.download import file_sha256
-from mnist_pipeline.errors import PipelineError, gist
-from mnist_pipeline.files import atomic_path, require_free_space
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import (
     PixelClassifier,
     architecture_for,
@@ -32,34 +25,13 @@ from mnist_pipeline.model import (
     frozen_backbone,
     load_pretrained,
     output_layer,
-    predict_logits,
 )
 from mnist_pipeline.params import ModelParams, Params, TrainParams
 from mnist_pipeline.prepared import load_meta, load_split
 from mnist_pipeline.pretrained import weights_file
+from mnist_pipeline.runtime import autocast_dtype, autocast_for
 
 EVAL_BATCH = 1000
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from returning each freed activation buffer to the OS, only to fault it back in next step.
-
-    Its default mmap threshold makes every large tensor a fresh mmap; on a small CPU that page-fault churn
-    doubled the time of the first epoch. It changes the whole process's allocator: call it from a main.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-def use_threads(threads: int) -> int:
-    """Set PyTorch's CPU thread count for the whole process (0: every core it may run on) and return it."""
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-    return torch.get_num_threads()
 
 
 def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,41 +85,6 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
     if params.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-
-
-def cuda_has_native_bf16() -> bool:
-    """Whether the GPU computes bf16 natively (Ampere and newer). torch's is_bf16_supported() also answers yes
-    where bf16 is only emulated (a T4, a V100), which is slower than fp16 with loss scaling."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torch.dtype | None:
-    """The autocast precision train.mixed_precision asks for on this device, or None for fp32.
-
-    'auto' means on CUDA only (bf16, or fp16 without bf16). On a CPU it means fp32, whatever the CPU: the default
-    run then trains the same way on every x86 server, so its dvc.lock and run-cache hold on all of them. 'always'
-    asks for bf16 on the CPU too: faster where the CPU computes it natively (AVX512-BF16 or AMX), but elsewhere
-    PyTorch emulates it, several times slower than fp32 (96.6 s against 10.2 s for an epoch on an AVX2-only EPYC),
-    so it warns there.
-    """
-    if device.type == "cuda":
-        wanted = mixed_precision in ("auto", "always")
-        return (torch.bfloat16 if cuda_has_native_bf16() else torch.float16) if wanted else None
-    if mixed_precision != "always":
-        return None
-    if not cpu.native_bf16:
-        print(f"warning: train.mixed_precision = always on a CPU without native bf16 ({cpu.describe()}): bf16 is "
-              f"emulated there, several times slower than fp32; 'auto' or 'never' trains in fp32", file=sys.stderr)
-    return torch.bfloat16
-
-
-def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.autocast, torch.amp.GradScaler]:
-    """Mixed precision as autocast_dtype picks it; fp16 comes with loss scaling. Weights, optimiser state and the
-    saved model stay fp32 either way."""
-    dtype = autocast_dtype(device, mixed_precision, this_cpu())
-    # No cache of cast weights: it would outlive a CUDA graph's capture, and each step casts each weight once anyway.
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
-    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 @dataclasses.dataclass
@@ -271,8 +208,10 @@ def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
     autocast, scaler = autocast_for(device, params.train.mixed_precision)
     step_model = worker.wrap(trained)
     step_model = torch.compile(step_model) if params.train.compile else step_model
-    return Run(model, architecture, trained, step_model, backbone, optimizer, schedule, autocast, scaler, generator,
-               train_pixels, train_labels, val_pixels, val_labels, steps_per_epoch, weights, cached, worker, blocker)
+    return Run(model=model, architecture=architecture, trained=trained, step_model=step_model, backbone=backbone,
+               optimizer=optimizer, schedule=schedule, autocast=autocast, scaler=scaler, generator=generator,
+               train_inputs=train_pixels, train_labels=train_labels, val_inputs=val_pixels, val_labels=val_labels,
+               steps_per_epoch=steps_per_epoch, weights=weights, cache_features=cached, worker=worker, graph_blocker=blocker)
 
 
 def training_step(run: Run, params: TrainParams, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,15 +241,17 @@ def graph_blocker(params: Params, worker: Worker) -> str:
         f"train.optimizer is {train.optimizer}; adam and adamw are captured": train.optimizer == "sgd",
         "fp16's loss scaling reads back whether the gradients are finite": fp16,
         "the step draws random numbers: train's augmentation": augments(train),
-        "the step draws random numbers: model.dropout": params.model.arch == "cnn" and params.model.dropout > 0,
+        "the step draws random numbers: model.cnn.dropout": params.model.arch == "cnn" and params.model.cnn.dropout > 0,
     }
     return next((reason for reason, blocks in reasons.items() if blocks), "")
 
 
 def prepare_steps(run: Run, params: TrainParams) -> None:
-    """Make run.step: training_step, compiled first where train.compile asks, and captured as CUDA graphs where
-    graph_blocker allows it. Call it once the training inputs are final (after compute_frozen_features), since
-    the graphs hold their address."""
+    """Make run.step, once a resumed run has loaded its state and before the first epoch to train: the frozen
+    backbone's features computed once where they are cached, then training_step, compiled first where
+    train.compile asks, and captured as CUDA graphs where graph_blocker allows it (on the final inputs, since the
+    graphs hold their address)."""
+    compute_frozen_features(run)
     eager = functools.partial(training_step, run, params)
     run.step = eager
     sizes = {min(params.batch_size, len(run.train_labels)), len(run.train_labels) % params.batch_size} - {0}
@@ -323,6 +264,19 @@ def prepare_steps(run: Run, params: TrainParams) -> None:
     run.step = CapturedSteps(eager, sizes, run.model, run.optimizer)
     print(f"CUDA graphs: each step replays one graph, captured in {run.step.seconds:.2f}s for batch sizes "
           f"{', '.join(map(str, sorted(sizes)))}")
+
+
+def rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random number generator training draws from: weights and dropout, batch order and augmentation."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "cuda": cuda}
+
+
+def set_rng_states(states: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["generator"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def compile_now(step: Callable[[torch.Tensor], tuple], run: Run, batch_sizes: set[int]) -> float:
@@ -390,119 +344,6 @@ def compute_frozen_features(run: Run) -> None:
     run.layout = torch.contiguous_format
     print(f"frozen backbone: features of {len(run.train_inputs) + len(run.val_inputs)} images computed once, "
           f"in {time.perf_counter() - started:.1f}s")
-
-
-def code_digest(files: list[Path]) -> str:
-    """The SHA-256 of the training code: the given files, and every module of this package."""
-    digest = hashlib.sha256()
-    for path in [*files, *sorted(Path(__file__).parent.glob("*.py"))]:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def run_origin(params: Params, run: Run, code_files: list[Path]) -> dict[str, str]:
-    """What a resumed run must share with the run that saved its state, by name: params, processes and threads,
-    the device type (a CPU's random generator state cannot drive a GPU's), training data with pretrained
-    weights, and the code (dvc.lock would record edited code beside epochs the old code trained)."""
-    data = hashlib.sha256(run.train_inputs.cpu().numpy().tobytes())
-    if run.weights is not None:
-        data.update(file_sha256(run.weights).encode())
-    settings = json.dumps([params.model.model_dump(), params.train.model_dump()])
-    return {"params": hashlib.sha256(settings.encode()).hexdigest(),
-            "processes and threads": f"{run.worker.world_size} x {torch.get_num_threads()}",
-            "device": run.device.type, "data": data.hexdigest(), "code": code_digest(code_files)}
-
-
-def origin_difference(saved: dict, origin: dict) -> str:
-    """How a saved state's origin differs from this run's, in words: "other params", "device cuda, not cpu"."""
-    def difference(name: str) -> str:
-        shown = name in ("device", "processes and threads")
-        return f"{name} {saved.get(name)}, not {origin[name]}" if shown else f"other {name}"
-    return ", ".join(difference(name) for name in origin if saved.get(name) != origin[name])
-
-
-def rng_states(generator: torch.Generator, device: torch.device) -> dict:
-    """Every random number generator training draws from: weights and dropout, batch order and augmentation."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "cuda": cuda}
-
-
-def set_rng_states(states: dict, generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["generator"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def load_resume_state(path: Path, origin: dict) -> dict | None:
-    """The saved state of an interrupted run of the same origin; anything else is reported in one line and
-    ignored, and the next epoch's save replaces it."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file costs a fresh start, not the run
-        print(f"ignoring {path}: not a readable training state ({gist(error)}); starting from epoch 1")
-        return None
-    saved_origin = state.get("origin")  # absent from the files of this code's earlier versions
-    differences = origin_difference(saved_origin, origin) if isinstance(saved_origin, dict) else "other code"
-    if differences:
-        print(f"ignoring {path}: it comes from a run with {differences}; starting from epoch 1")
-        return None
-    return state
-
-
-class ResumeFile:
-    """The state of a run after its last finished epoch, saved so that a killed run carries on from there with
-    the same results; a path of None saves and resumes nothing. Only the first worker reads and writes the file:
-    the others get its contents from it, and send it their random generators' states."""
-
-    def __init__(self, path: Path | None, params: Params, run: Run, code_files: list[Path] = ()):
-        self.path, self.origin, self.epochs = path, {}, params.train.epochs
-        if path is not None and run.worker.writes:
-            # It holds the weights, the best epoch's weights and up to two optimiser moments per weight, and
-            # model.pt the weights once more: checked before the first epoch rather than found out after it.
-            weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in run.model.state_dict().values())
-            require_free_space(path.parent, 5 * weight_bytes, "train")
-            self.origin = run_origin(params, run, list(code_files))
-
-    def load(self, run: Run, on_epoch: Callable[[dict, PixelClassifier], None]) -> tuple[dict, list[dict]]:
-        """The best epoch and the results of the epochs done, loaded into the run, and those results replayed to
-        on_epoch, so that the logs hold every epoch; none for a fresh run."""
-        if self.path is None:
-            return {"val_accuracy": -1.0}, []
-        saved = run.worker.object_from_first(load_resume_state(self.path, self.origin) if run.worker.writes else None)
-        if not saved:
-            return {"val_accuracy": -1.0}, []
-        for name, part in run.resumable().items():
-            part.load_state_dict(saved[name])
-        set_rng_states(saved["rng"][run.worker.rank], run.generator, run.device)
-        print(f"resuming from {self.path}: epochs 1-{len(saved['history'])} of {self.epochs} already done")
-        for result in saved["history"]:
-            on_epoch(result, run.model)
-        return saved["best"], saved["history"]
-
-    def save(self, run: Run, best: dict, history: list[dict]) -> None:
-        if self.path is None:
-            return
-        rng = run.worker.gather_objects(rng_states(run.generator, run.device))  # one per worker, in rank order
-        if not run.worker.writes:
-            return
-        # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
-        with atomic_path(self.path) as temp, temp.open("wb") as out:
-            parts = {name: part.state_dict() for name, part in run.resumable().items()}
-            state = {"origin": self.origin, "history": history, "best": best, "rng": rng}
-            torch.save({**state, **parts}, out)
-
-
-@contextlib.contextmanager
-def stopped_hint(resume_file: Path) -> Iterator[None]:
-    """Ctrl-C during training says whether a rerun resumes, and from where."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        hint = f"run it again with the same params to resume from {resume_file}" if resume_file.exists() else ""
-        raise KeyboardInterrupt(f"training stopped; {hint}" if hint else "training stopped before its first epoch ended") from None
 
 
 def epoch_line(result: dict, epochs: int) -> str:

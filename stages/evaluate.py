@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 
+from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
+from mnist_pipeline.device import pick_device, predict_logits
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.evaluation import overall_scores, per_class_scores, predictions_table, write_csv, write_gallery
+from mnist_pipeline.evaluation import (
+    overall_scores,
+    per_class_scores,
+    predictions_table,
+    write_csv,
+    write_gallery,
+)
 from mnist_pipeline.files import atomic_path, dump_json, write_json
-from mnist_pipeline.model import MODEL_FILE, load_checkpoint, pick_device, predict_logits
 from mnist_pipeline.params import load_params
 from mnist_pipeline.prepared import load_split
 

@@ -4,11 +4,18 @@ from pathlib import Path
 
 import torch
 
+from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
+from mnist_pipeline.device import predict_logits
 from mnist_pipeline.errors import PipelineError, disk_fault, gist, run_stage
 from mnist_pipeline.files import atomic_path, write_json
 from mnist_pipeline.int8_verification import check_int8
-from mnist_pipeline.model import MODEL_FILE, export_form, load_checkpoint, predict_logits
-from mnist_pipeline.onnx_export import calibration_sample, check_fp32, export_onnx, quantize_int8
+from mnist_pipeline.model import export_form
+from mnist_pipeline.onnx_export import (
+    calibration_sample,
+    check_fp32,
+    export_onnx,
+    quantize_int8,
+)
 from mnist_pipeline.onnx_io import BATCH, onnx_outputs
 from mnist_pipeline.params import load_params
 from mnist_pipeline.prepared import load_split

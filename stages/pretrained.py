@@ -1,4 +1,4 @@
-"""Stage 2, pretrained: fetch the ImageNet weights model.pretrained asks for into data/pretrained/, or nothing.
+"""Stage 2, pretrained: fetch the ImageNet weights model.resnet18.pretrained asks for into data/pretrained/, or nothing.
 
 The weights are an input like the data: the same mirrors logic ($MNIST_PIPELINE_MIRRORS first), bounds and
 messages as the download stage, verified by the SHA-256 in params.yaml before they are renamed into place.
@@ -6,7 +6,7 @@ Torch hub's cache is never read. When no weights are needed, the directory holds
 DVC then still has an output to track, and a stale weights file never lingers.
 """
 
-from mnist_pipeline.download import MEGABYTE, already_verified, download_file, file_sha256, mirrors_to_try
+from mnist_pipeline.download import MEGABYTE, already_verified, bounded_file_sha256, download_file, mirrors_to_try
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_path, remove_stale_temp_files
 from mnist_pipeline.pretrained import PRETRAINED_DIR as OUTPUT_DIR
@@ -24,9 +24,9 @@ def main() -> None:
     max_bytes = params.download.max_megabytes * MEGABYTE
     if target is None:
         with atomic_path(NONE_NOTE) as temp:
-            temp.write_text("model.pretrained is none: this run needs no pretrained weights\n")
-        message = "no pretrained weights needed (model.pretrained: none)"
-    elif already_verified(target, params.weights.sha256, max_bytes, file_sha256):
+            temp.write_text("this run needs no pretrained weights (model.arch is not resnet18, or model.resnet18.pretrained is none)\n")
+        message = "no pretrained weights needed (model.arch: cnn, or model.resnet18.pretrained: none)"
+    elif already_verified(target, params.weights.sha256, max_bytes, bounded_file_sha256):
         message = f"{target.name}: already present and verified"
     else:
         url = download_file(
@@ -38,7 +38,7 @@ def main() -> None:
             max_bytes=max_bytes,
             deadline=params.download.deadline,
             output_dir=OUTPUT_DIR,
-            digest=file_sha256,
+            digest=bounded_file_sha256,
             offline_files=target.name,
         )
         message = f"{target.name}: verified, from {url}"

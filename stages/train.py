@@ -2,21 +2,22 @@
 With train.processes > 1, or under torchrun, several processes share each batch (mnist_pipeline/distributed.py)."""
 
 import copy
-import functools
 from pathlib import Path
 from typing import Callable
 
 import torch
 from dvclive import Live
 
+from mnist_pipeline.checkpoint import MODEL_FILE, save_checkpoint
 from mnist_pipeline.distributed import Worker, launch
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_directory, atomic_path, write_json
-from mnist_pipeline.model import MODEL_FILE, PixelClassifier, save_checkpoint
+from mnist_pipeline.model import PixelClassifier
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.prepared import load_meta
-from mnist_pipeline.training import (ResumeFile, compute_frozen_features, epoch_line, evaluate, keep_freed_memory, prepare,
-                                     prepare_steps, stopped_hint, train_epoch, use_threads)
+from mnist_pipeline.resume import ResumeFile, stopped_hint
+from mnist_pipeline.runtime import tune_process
+from mnist_pipeline.training import epoch_line, evaluate, prepare, prepare_steps, train_epoch
 
 LIVE_DIR = Path("metrics/train")  # DVCLive's curves, and its metrics.json: the kept epoch and the last step
 METRICS_FILE = Path("metrics/train.json")  # the headline number, one row of `dvc metrics show`
@@ -33,7 +34,6 @@ def train(params: Params, worker: Worker, on_epoch: Callable[[dict, PixelClassif
     state = ResumeFile(resume_file, params, run, code_files=[Path(__file__)])
     best, history = state.load(run, on_epoch)
     if len(history) < params.train.epochs:
-        compute_frozen_features(run)
         prepare_steps(run, params.train)
     for epoch in range(len(history) + 1, params.train.epochs + 1):
         train_loss, train_accuracy, seconds = train_epoch(run, params.train, f"epoch {epoch}/{params.train.epochs}")
@@ -48,7 +48,7 @@ def train(params: Params, worker: Worker, on_epoch: Callable[[dict, PixelClassif
     return run.model, run.architecture, {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "device": worker.device.type}
 
 
-def log_epoch(live: Live, epochs: int, result: dict, model: PixelClassifier) -> None:
+def log_epoch(live: Live, epochs: int, result: dict) -> None:
     for name in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
         live.log_metric(name, round(result[name], 6))
     live.next_step()
@@ -57,14 +57,13 @@ def log_epoch(live: Live, epochs: int, result: dict, model: PixelClassifier) -> 
 
 def train_and_write(params: Params, worker: Worker) -> None:
     """What each training process does: train; the first (with train.processes: 1, the only) one writes the outputs."""
-    keep_freed_memory()  # process-wide tunings, made here where they show, in each process
-    use_threads(worker.threads)
+    tune_process(worker.threads)  # in each process
     if not worker.writes:
         train(params, worker, lambda result, model: None, RESUME_FILE)
         return
     # DVCLive writes file by file: into a temp directory that replaces the last run's logs only if training ends.
     with atomic_directory(LIVE_DIR) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        model, architecture, best = train(params, worker, functools.partial(log_epoch, live, params.train.epochs), RESUME_FILE)
+        model, architecture, best = train(params, worker, lambda result, model: log_epoch(live, params.train.epochs, result), RESUME_FILE)
         # DVCLive's summary is the kept epoch; the last epoch's numbers end the curves.
         live.summary = {"best": {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}}
     with atomic_path(MODEL_FILE) as temp:

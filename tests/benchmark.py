@@ -32,23 +32,25 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from stages import train  # noqa: E402
+from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from mnist_pipeline.cpu import this_cpu  # noqa: E402
-from mnist_pipeline.training import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
+from mnist_pipeline.device import pick_device, predict_logits  # noqa: E402
 from mnist_pipeline.distributed import Worker, launch, start_workers  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
+from mnist_pipeline.model import build_model, export_form  # noqa: E402
 from mnist_pipeline.onnx_export import calibration_sample, export_onnx, quantize_int8  # noqa: E402
-from mnist_pipeline.model import MODEL_FILE, build_model, export_form, load_checkpoint, pick_device, predict_logits  # noqa: E402
-from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.onnx_io import inference_session  # noqa: E402
+from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.prepared import load_meta, load_split  # noqa: E402
 from mnist_pipeline.pretrained import PRETRAINED_DIR  # noqa: E402
+from mnist_pipeline.runtime import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
+from stages import train  # noqa: E402
 
 # One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture. Its precision is the
 # fastest honest one for the machine (fastest_precision): bf16 autocast where the CPU computes bf16 natively
 # (AVX512-BF16 or AMX; weights and optimiser state stay fp32), fp32 elsewhere, where bf16 is emulated and slower.
 FAST = {
-    "model": {"dropout": 0.0},
+    "model": {"cnn": {"dropout": 0.0}},
     "train": {
         "epochs": 1,
         "batch_size": 256,
@@ -60,7 +62,7 @@ FAST = {
 }
 # The `best` preset, as the README's `dvc exp run -S` recipe gives it (tests check that the two agree).
 BEST = {
-    "model": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256},
+    "model": {"cnn": {"conv_channels": [32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256}},
     "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10},
 }
 
@@ -231,10 +233,13 @@ def print_machine(params, device: torch.device, threads: int) -> tuple[str, str]
 
 
 def with_overrides(params, overrides: dict):
-    """params.yaml's params with some keys of the model and train sections replaced."""
+    """params.yaml's params with some keys of the model and train sections replaced: model.arch, and the keys of a
+    model group given as a mapping ({"cnn": {"dropout": 0.0}})."""
+    model = overrides.get("model", {})
+    groups = {name: getattr(params.model, name).model_copy(update=keys) for name, keys in model.items() if isinstance(keys, dict)}
     return params.model_copy(
         update={
-            "model": params.model.model_copy(update=overrides.get("model", {})),
+            "model": params.model.model_copy(update={**model, **groups}),
             "train": params.train.model_copy(update=overrides.get("train", {})),
         }
     )
@@ -267,7 +272,7 @@ def timed_training(name: str, params, cache_features: bool = True) -> TrainingRu
 # ResNet-18 recipes small enough for a CPU: 32x32 inputs, three epochs, and no shifts, so that a frozen backbone's
 # features are computed once; the CNN trains with the same settings. "imagenet" is whatever file data/pretrained/ holds for the weights section of params.yaml.
 TRANSFER_TRAIN = {"epochs": 3, "shift_pixels": 0}
-RESNET = {"arch": "resnet18", "input_size": 32}
+RESNET = {"input_size": 32}
 TRANSFER = {
     "ResNet-18 from scratch": ({**RESNET, "pretrained": "none", "freeze": False}, True),
     "ResNet-18 frozen, features cached": ({**RESNET, "pretrained": "imagenet", "freeze": True}, True),
@@ -284,9 +289,10 @@ def transfer_learning(params, device: str) -> None:
     runs = [timed_training("CNN (params.yaml's)", cnn_params)]
     for name, (model_overrides, cache) in TRANSFER.items():
         if model_overrides["pretrained"] != "none" and not weights.exists():
-            report(name, f"skipped: no {weights} (dvc repro pretrained, with model.pretrained: imagenet)")
+            report(name, f"skipped: no {weights} (dvc repro pretrained, with model.resnet18.pretrained: imagenet)")
             continue
-        transfer_params = with_overrides(params, {"model": model_overrides, "train": {**TRANSFER_TRAIN, "device": device}})
+        transfer_params = with_overrides(params, {"model": {"arch": "resnet18", "resnet18": model_overrides},
+                                                  "train": {**TRANSFER_TRAIN, "device": device}})
         runs.append(timed_training(name, transfer_params, cache_features=cache))
     print(f"\n{'transfer learning':<36} {'epochs':>6} {'seconds':>8} {'s/epoch':>8} {'test acc':>9}")
     for run in runs:
@@ -459,7 +465,7 @@ def fast_recipe_over_seeds(fast_params, seeds: int) -> dict[str, str]:
 
 def resnet_epoch(params, device: str, size: int) -> dict[str, str]:
     """ResNet-18 from scratch for one epoch at size x size inputs, params.yaml's train settings otherwise."""
-    recipe = with_overrides(params, {"model": {"arch": "resnet18", "input_size": size, "pretrained": "none", "freeze": False},
+    recipe = with_overrides(params, {"model": {"arch": "resnet18", "resnet18": {"input_size": size, "pretrained": "none", "freeze": False}},
                                      "train": {"epochs": 1, "device": device}})
     run = timed_training(f"ResNet-18 at {size}x{size}", recipe)
     report(f"ResNet-18 at {size}x{size}, 1 epoch", f"{run.step_seconds:.1f} s of steps, {run.images / run.step_seconds:,.0f} images/s, "

@@ -98,7 +98,8 @@ def write_checkpoint(path: Path, **changes) -> Path:
     """A small model.pt as the train stage writes it; `changes` replace its entries, to make foreign ones."""
     import torch
 
-    from mnist_pipeline.model import CNN, save_checkpoint
+    from mnist_pipeline.checkpoint import save_checkpoint
+    from mnist_pipeline.model import CNN
 
     torch.manual_seed(0)
     meta = {"mean": 0.13, "std": 0.31, "class_names": [str(d) for d in range(10)]}
@@ -133,7 +134,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, start: str) -> No
 # Small enough for the whole pipeline to run in seconds on synthetic data.
 TINY_PARAMS = {
     "preprocess": {"val_size": 60},
-    "model": {"conv_channels": [4, 8], "fc_units": 16, "dropout": 0.0},
+    "model": {"cnn": {"conv_channels": [4, 8], "fc_units": 16, "dropout": 0.0}},
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.01},
     "evaluate": {"batch_size": 64},
     # A tiny model of 4 and 8 channels, weakly trained, loses up to a few points in 7-bit int8 (10 of 200 images
@@ -143,12 +144,23 @@ TINY_PARAMS = {
 
 
 def update_params(path: Path, changes: dict) -> None:
-    """Overwrite the given keys of a params.yaml, section by section."""
+    """Overwrite the given keys of a params.yaml, section by section; a section may be a dotted group ("model.cnn"),
+    and a mapping given for a group ({"model": {"cnn": {...}}}) changes only the keys it names."""
     import yaml
+
+    def merge(target: dict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict) and "sha256" not in value:
+                merge(target[key], value)
+            else:
+                target[key] = value
 
     params = yaml.safe_load(path.read_text())
     for section, values in changes.items():
-        params[section].update(values)
+        target = params
+        for part in section.split("."):
+            target = target[part]
+        merge(target, values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

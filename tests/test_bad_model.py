@@ -12,13 +12,19 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import (
+    TINY_ARCHITECTURE,
+    assert_one_line_error,
+    run_stage_cli,
+    synthetic_digits,
+    write_checkpoint,
+)
 
-from conftest import TINY_ARCHITECTURE, assert_one_line_error, run_stage_cli, synthetic_digits, write_checkpoint
-from stages import evaluate, export
 from mnist_pipeline import int8_verification, onnx_export
+from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import MODEL_FILE, load_checkpoint
 from mnist_pipeline.prepared import save_split
+from stages import evaluate, export
 
 
 class RunsCodeWhenUnpickled:

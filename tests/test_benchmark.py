@@ -11,7 +11,7 @@ from conftest import TINY_PARAMS, update_params, write_synthetic_mnist
 from stages import export, preprocess, train
 from mnist_pipeline.cpu import Cpu
 from mnist_pipeline.model import CNN
-from mnist_pipeline.params import MODEL_KEYS_BY_ARCH, load_params
+from mnist_pipeline.params import load_params
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_training_runs_are_measured_with_time_to_99_and_flops(trained_workdir):
     run = benchmark.timed_training("tiny", params)
     assert run.images == 340 * params.train.epochs and 0 < run.step_seconds <= run.seconds
     assert run.time_to_99 is None or run.time_to_99 <= run.seconds
-    network = CNN(**{"image_size": 28, "num_classes": 10, **{key: getattr(params.model, key) for key in MODEL_KEYS_BY_ARCH["cnn"]}})
+    network = CNN(**{"image_size": 28, "num_classes": 10, **params.model.cnn.model_dump()})
     assert run.flops_per_image == benchmark.flops_per_training_image(network)
     reference = benchmark.reference_loop(epochs=1)
     assert reference.images == 400 and 0 <= reference.accuracy <= 1

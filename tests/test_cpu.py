@@ -1,12 +1,18 @@
 """The CPU's features, read from /proc/cpuinfo, and the training precision they choose: bf16 autocast only where the
 CPU computes bf16 natively, so that no setting is fast on one kind of CPU and many times slower on another."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from mnist_pipeline import cpu
-from mnist_pipeline.cpu import Cpu, parse_cpuinfo
-from mnist_pipeline.training import autocast_dtype, autocast_for
+from mnist_pipeline.cpu import Cpu, as_emulated, parse_cpuinfo
+from mnist_pipeline.runtime import autocast_dtype, autocast_for
 
 EPYC_MILAN = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -35,6 +41,25 @@ def test_avx512_bf16_or_amx_make_bf16_native():
     found = parse_cpuinfo(f"model name\t: Intel Xeon\nflags\t\t: {SAPPHIRE_RAPIDS_FLAGS}\n")
     assert found.native_bf16 and found.describe() == "Intel Xeon, avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
     assert parse_cpuinfo("flags\t: avx2 amx_bf16\n").native_bf16 and NATIVE_BF16.native_bf16
+
+
+def test_where_cpuid_denies_what_cpuinfo_claims_the_cpu_is_emulated_and_the_host_named():
+    host = parse_cpuinfo(f"model name\t: Intel Xeon\nflags\t\t: {SAPPHIRE_RAPIDS_FLAGS}\n")
+    agreeing = {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx512_bf16": True}
+    assert as_emulated(host, agreeing) is host
+    haswell = as_emulated(host, {**agreeing, "avx512f": False, "avx512_vnni": False, "avx512_bf16": False})
+    assert haswell == Cpu("an emulated CPU (/proc/cpuinfo names the host: Intel Xeon)", frozenset({"avx2"}))
+    assert not haswell.native_bf16, "bf16 is not native on the CPU the program runs on"
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
+                    reason="no qemu-x86_64 (Debian's qemu-user) to emulate another CPU")
+def test_under_qemu_the_emulated_cpu_is_described_not_the_host():
+    describe = "from mnist_pipeline.cpu import this_cpu; print(this_cpu().describe())"
+    result = subprocess.run([shutil.which("qemu-x86_64") or "qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", describe],
+                            capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("an emulated CPU (/proc/cpuinfo names the host: ") and ", avx2; no avx512f " in result.stdout
 
 
 def test_without_cpuinfo_nothing_is_assumed_native(monkeypatch, tmp_path):

@@ -52,16 +52,17 @@ def on_a_gpu(monkeypatch):
     return Worker(torch.device("cuda"))
 
 
-def repo_params(model: dict | None = None, train: dict | None = None):
+def repo_params(cnn: dict | None = None, train: dict | None = None):
     params = load_params(REPO_ROOT / "params.yaml")
-    return params.model_copy(update={"model": params.model.model_copy(update=model or {}),
+    model = params.model.model_copy(update={"cnn": params.model.cnn.model_copy(update=cnn or {})})
+    return params.model_copy(update={"model": model,
                                      "train": params.train.model_copy(update=train or {})})
 
 
 def test_the_fast_recipe_is_captured_and_random_draws_are_not(on_a_gpu):
-    fast = {"model": {"dropout": 0.0}, "train": {"shift_pixels": 0}}
+    fast = {"cnn": {"dropout": 0.0}, "train": {"shift_pixels": 0}}
     assert training.graph_blocker(repo_params(**fast), on_a_gpu) == ""
     assert training.graph_blocker(repo_params(), on_a_gpu) == "the step draws random numbers: train's augmentation"
-    assert "model.dropout" in training.graph_blocker(repo_params(model={"dropout": 0.3}, train={"shift_pixels": 0}), on_a_gpu)
-    assert "sgd" in training.graph_blocker(repo_params(fast["model"], {**fast["train"], "optimizer": "sgd"}), on_a_gpu)
+    assert "model.cnn.dropout" in training.graph_blocker(repo_params(cnn={"dropout": 0.3}, train={"shift_pixels": 0}), on_a_gpu)
+    assert "sgd" in training.graph_blocker(repo_params(fast["cnn"], {**fast["train"], "optimizer": "sgd"}), on_a_gpu)
     assert training.graph_blocker(repo_params(**fast), Worker(torch.device("cpu"))) == "not on CUDA"

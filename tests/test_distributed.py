@@ -26,9 +26,12 @@ from stages import preprocess, train
 # statistics must be the global batch's.
 EQUIVALENT = {
     **TINY_PARAMS,
-    "model": {**TINY_PARAMS["model"], "batch_norm": True, "dropout": 0.0},
+    "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "batch_norm": True, "dropout": 0.0}},
     "train": {**TINY_PARAMS["train"], "epochs": 6, "shift_pixels": 0},
 }
+
+
+IP = shutil.which("ip") or "/usr/sbin/ip"  # iproute2's, for the namespaces of the 2-node test
 
 
 def free_port() -> int:
@@ -119,6 +122,57 @@ def test_two_torchrun_nodes_on_localhost_train_as_one_job(prepared, one_process,
     assert_same_weights(work, one_process)
 
 
+@pytest.fixture
+def two_hosts() -> list[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair, as two machines on one link: (namespace, address, interface)
+    of each; only their own loopback and the link, nothing that reaches beyond this machine. Skips where this
+    process may not make namespaces (not root, or a container without CAP_SYS_ADMIN)."""
+    tag = uuid.uuid4().hex[:6]
+    hosts = [(f"mnist-{tag}-{node}", f"10.213.0.{node + 1}", f"mn{tag}n{node}") for node in (0, 1)]  # names <= 15 chars
+    if os.geteuid() != 0 or not Path(IP).exists():
+        pytest.skip("making network namespaces needs root and iproute2's ip")
+    made = []
+    try:
+        for namespace, _, _ in hosts:
+            result = subprocess.run([IP, "netns", "add", namespace], capture_output=True, text=True)
+            if result.returncode:
+                pytest.skip(f"cannot make a network namespace here: {result.stderr.strip()}")
+            made.append(namespace)
+        (first, _, first_link), (second, _, second_link) = hosts
+        commands = [[IP, "link", "add", first_link, "netns", first, "type", "veth", "peer", "name", second_link, "netns", second]]
+        for namespace, address, link in hosts:
+            commands += [[IP, "-n", namespace, "addr", "add", f"{address}/24", "dev", link],
+                         [IP, "-n", namespace, "link", "set", link, "up"], [IP, "-n", namespace, "link", "set", "lo", "up"]]
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True)
+        yield hosts
+    finally:
+        for namespace in made:  # the veth pair goes with them
+            subprocess.run([IP, "netns", "delete", namespace], capture_output=True)
+
+
+def test_two_nodes_on_their_own_addresses_train_as_one_process(prepared, one_process, two_hosts, tmp_path):
+    """A 2-node job as on two machines: each node in its own network namespace with its own address and its own
+    copy of the data, torchrun's rendezvous on the first node's address, gloo on the link between them."""
+    (first, rendezvous, _), _ = two_hosts
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"{rendezvous}:29400", "--rdzv-id", uuid.uuid4().hex, "--max-restarts", "0"]
+    nodes = []
+    for node, (namespace, address, link) in enumerate(two_hosts):
+        work = copy_of(prepared, tmp_path / f"node{node}", processes=1, threads=1)
+        command = [IP, "netns", "exec", namespace, *torchrun, "--local-addr", address,
+                   "--rdzv-conf", f"is_host={node == 0}", "-m", "stages.train"]
+        env = {**STAGE_ENV, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GLOO_SOCKET_IFNAME": link, "MNIST_PIPELINE_RENDEZVOUS_TIMEOUT": "120"}
+        nodes.append((work, subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    outputs = [process.communicate(timeout=300) for _, process in nodes]
+    assert [process.returncode for _, process in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    printed = "".join(out for out, _ in outputs)
+    assert printed.count("training on cpu (2 processes of 1 CPU thread each)") == 1 and printed.count("kept epoch") == 1
+    writers = [work for work, _ in nodes if (work / "models/model.pt").exists()]
+    assert len(writers) == 1, "rank 0 writes the model, on its own node"
+    assert_same_weights(writers[0], one_process)
+
+
 def share_and_reduce(params, worker: Worker) -> None:
     """In each of 2 workers: every primitive the training loop uses, its results saved for the test to check."""
     rows = torch.arange(21.0).view(7, 3)  # 7 rows: 4 for rank 0, 3 for rank 1
@@ -144,10 +198,11 @@ def share_and_reduce(params, worker: Worker) -> None:
 
 
 def test_the_workers_share_rows_sums_and_batch_norm_statistics(prepared, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    work = copy_of(prepared, tmp_path / "work")  # launch checks that each worker gets a share of its splits
+    monkeypatch.chdir(work)
     params = load_params(prepared / "params.yaml")
     launch(share_and_reduce, params.model_copy(update={"train": params.train.model_copy(update={"processes": 2})}))
-    first, second = (torch.load(tmp_path / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
+    first, second = (torch.load(work / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
     rows = torch.arange(21.0).view(7, 3)
     assert torch.equal(first["mine"], rows[:4]) and torch.equal(second["mine"], rows[4:])
     assert torch.equal(first["gathered"], rows * 10) and torch.equal(second["gathered"], rows * 10)
@@ -195,6 +250,35 @@ def test_a_worker_killed_mid_run_is_one_line_and_a_rerun_resumes_to_the_same_byt
     assert not state.exists()
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs: not gone, and not a zombie waiting for a parent that no longer reaps it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["in the foreground", "as a background job"])
+def test_killing_the_launcher_kills_its_workers(prepared, tmp_path, sigint):
+    """kill -9 of the stage (or the OOM killer) gives its launcher no chance to stop the workers: the kernel does,
+    also where the stage runs as a script's background job does, with SIGINT ignored."""
+    work = copy_of(prepared, tmp_path / "orphans", processes=2, epochs=50)
+    stage = subprocess.Popen(stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+    deadline = time.monotonic() + 120
+    while not (work / "models/train_state.pt").exists() and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    children = Path(f"/proc/{stage.pid}/task/{stage.pid}/children").read_text().split()
+    workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2 and all(map(alive, workers)), "two workers, training"
+    stage.kill()
+    stage.wait()
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers)), "the workers ended with their launcher"
+
+
 def test_a_worker_that_fails_ends_the_stage_in_one_line_naming_its_rank(prepared, one_process, tmp_path):
     """Rank 0 writes the training state, and finds the disk full; the other worker is stopped, no output changes."""
     work = copy_of(one_process, tmp_path / "full", processes=2)
@@ -207,6 +291,18 @@ def test_a_worker_that_fails_ends_the_stage_in_one_line_naming_its_rank(prepared
     result = run_stage_cli("train", work, preexec_fn=full_disk, env={**STAGE_ENV, "PYTHONDONTWRITEBYTECODE": "1"})
     assert_one_line_error(result, "rank 0 of 2: models/train_state.pt: file too large for the file system or for this process's file size limit")
     assert {str(p): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("joining", [False, True], ids=["starting workers", "joining a job"])
+def test_a_split_smaller_than_the_processes_is_one_line_before_any_worker_starts(prepared, tmp_path, joining):
+    work = copy_of(prepared, tmp_path / "small", processes=2)
+    update_params(work / "params.yaml", {"preprocess": {"val_size": 1}})
+    run_stage_cli("preprocess", work)
+    env = job_environment(free_port()) if joining else STAGE_ENV  # a worker checks before it waits for the others
+    result = run_stage_cli("train", work, env=env)
+    assert_one_line_error(result, ("rank 0 of 2: " if joining else "") + "the val split has 1 image, fewer than the 2 training "
+                          "processes, and each needs a share; expected train.processes <= 1, or a larger split (preprocess.val_size)")
+    assert not (work / "models").exists()
 
 
 def job_environment(port: int, **more: str) -> dict:

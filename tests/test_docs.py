@@ -22,21 +22,23 @@ def pages() -> list[Path]:
 
 
 def documented_defaults() -> dict[str, str]:
-    rows = re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| (.+?) \|", PARAMETERS_PAGE.read_text(), flags=re.MULTILINE)
+    rows = re.findall(r"^\| `([a-z_]+(?:\.[a-z_0-9]+)+)` \| (.+?) \|", PARAMETERS_PAGE.read_text(), flags=re.MULTILINE)
     return dict(rows)
+
+
+# The groups of keys inside a section (model's, one per architecture): their keys are documented, not the group.
+GROUPS = {"model.cnn", "model.resnet18"}
 
 
 def test_every_param_is_documented_with_its_default():
     documented = documented_defaults()
-    for section, values in PARAMS.items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            assert name in documented, f"{name} is missing from the params table of {PARAMETERS_PAGE.name}"
-            if not isinstance(value, (dict, list)) or all(isinstance(v, (int, float)) for v in value):
-                shown = yaml.safe_load(documented[name].strip("`"))
-                assert shown == value, f"{PARAMETERS_PAGE.name}: {name} defaults to {shown!r}; params.yaml has {value!r}"
-    params = {f"{section}.{key}" for section, values in PARAMS.items() for key in values}
-    assert set(documented) <= params, f"{PARAMETERS_PAGE.name} documents unknown params: {set(documented) - params}"
+    params = flattened(PARAMS)
+    for name, value in params.items():
+        assert name in documented, f"{name} is missing from the params table of {PARAMETERS_PAGE.name}"
+        if not isinstance(value, (dict, list)) or all(isinstance(v, (int, float)) for v in value):
+            shown = yaml.safe_load(documented[name].strip("`"))
+            assert shown == value, f"{PARAMETERS_PAGE.name}: {name} defaults to {shown!r}; params.yaml has {value!r}"
+    assert set(documented) <= set(params), f"{PARAMETERS_PAGE.name} documents unknown params: {set(documented) - set(params)}"
 
 
 def recipe(pattern: str) -> dict:
@@ -45,8 +47,16 @@ def recipe(pattern: str) -> dict:
     return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in re.findall(r"-S (\S+)", line))}
 
 
-def flattened(preset: dict) -> dict:
-    return {f"{section}.{key}": value for section, values in preset.items() for key, value in values.items()}
+def flattened(preset: dict, prefix: str = "") -> dict:
+    """{"section.key": value} of a nested preset or params file; the model groups (GROUPS) are opened too."""
+    flat = {}
+    for key, value in preset.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and (not prefix or name in GROUPS):
+            flat.update(flattened(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def test_documented_recipes_are_the_ones_benchmarked():
@@ -104,3 +114,10 @@ def test_commands_and_modules_named_in_the_docs_exist():
         ]
         wrong += [f"{page.name}: {module}" for module in modules if not (REPO_ROOT / module).exists()]
     assert not wrong, "the docs name what does not exist:\n" + "\n".join(wrong)
+
+
+def test_every_module_and_test_file_is_on_the_architecture_page():
+    page = (REPO_ROOT / "docs/architecture.md").read_text()
+    modules = [path.name for path in (REPO_ROOT / "mnist_pipeline").glob("*.py") if path.name != "__init__.py"]
+    tests = [path.name for path in (REPO_ROOT / "tests").glob("*.py")] + ["gpu_check.sh"]
+    assert [name for name in sorted(modules + tests) if f"`{name}`" not in page and f"/{name}`" not in page] == []

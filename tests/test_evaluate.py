@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_digits, update_params, write_checkpoint
 from PIL import Image
 
-from conftest import synthetic_digits, update_params, write_checkpoint
-from stages import evaluate
 from mnist_pipeline import evaluation
-from mnist_pipeline.model import MODEL_FILE, load_checkpoint, predict_logits
+from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
+from mnist_pipeline.device import predict_logits
 from mnist_pipeline.prepared import save_split
+from stages import evaluate
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

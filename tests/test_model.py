@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from benchmark import (
+    TutorialCNN,  # the tutorial's model, as the benchmark's baseline runs it
+)
 from torch import nn
 
-from benchmark import TutorialCNN  # the tutorial's model, as the benchmark's baseline runs it
+from mnist_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import CNN, PixelClassifier, conv_output_size, load_checkpoint, normalize, save_checkpoint
+from mnist_pipeline.model import CNN, PixelClassifier, conv_output_size, normalize
 
 
 @pytest.mark.parametrize(

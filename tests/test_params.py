@@ -7,12 +7,13 @@ import yaml
 from conftest import REPO_ROOT, run_stage_cli, update_params
 from stages import evaluate, train
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.params import SECTIONS, allowed_for, load_params
+from mnist_pipeline.params import GROUPS, load_params
+from mnist_pipeline.params_messages import allowed_for
 
 
 def test_shipped_params_are_valid():
     params = load_params(REPO_ROOT / "params.yaml")
-    assert params.model.conv_channels == [16, 32] and params.model.fc_units == 128
+    assert params.model.cnn.conv_channels == [16, 32] and params.model.cnn.fc_units == 128
 
 
 def write_params(path, section, key, value):
@@ -32,11 +33,11 @@ def write_params(path, section, key, value):
         ("train", "epochs", 2.5, "an integer from 1 to 1000"),
         ("train", "optimizer", "adagrad", "one of adam, adamw, sgd"),
         ("train", "device", "tpu", "one of auto, cpu, cuda"),
-        ("model", "activation", "gelu", "one of relu, leaky_relu, tanh, sigmoid"),
-        ("model", "conv_channels", [16, 0], "a list of 1 to 4 items"),
-        ("model", "dropout", 1.0, "a number in [0, 1)"),
-        ("model", "dropout", -0.1, "a number in [0, 1)"),
-        ("model", "batch_norm", "yes", "true or false"),
+        ("model.cnn", "activation", "gelu", "one of relu, leaky_relu, tanh, sigmoid"),
+        ("model.cnn", "conv_channels", [16, 0], "a list of 1 to 4 items"),
+        ("model.cnn", "dropout", 1.0, "a number in [0, 1)"),
+        ("model.cnn", "dropout", -0.1, "a number in [0, 1)"),
+        ("model.cnn", "batch_norm", "yes", "true or false"),
         ("preprocess", "val_size", 0, "an integer >= 1"),
         ("download", "mirrors", [], "a non-empty list"),
         ("download", "mirrors", ["htp://example.org/mnist/"], "http(s):// or file:// base URLs or directories"),
@@ -65,9 +66,10 @@ def test_true_is_not_accepted_as_an_integer(tmp_path):
         ("train", "learning_rat", "train.lr"),  # the initials of a spelled-out name
         ("train", "optimiser", "train.optimizer"),  # a close spelling
         ("train", "batchsize", "train.batch_size"),
-        ("train", "dropout", "model.dropout"),  # a key of another section
+        ("train", "dropout", "model.cnn.dropout"),  # a key of another section
+        ("model", "dropout", "model.cnn.dropout"),  # a key of the old flat model section: now in a group
         ("train", "val_size", "preprocess.val_size"),
-        ("model", "dropout_rate", "model.dropout"),  # a key with a suffix
+        ("model.cnn", "dropout_rate", "model.cnn.dropout"),  # a key with a suffix
         ("train", "shift", "train.shift_pixels"),  # a key cut short
     ],
 )
@@ -101,9 +103,9 @@ def test_unknown_section_suggests_the_closest(tmp_path):
 
 def test_missing_key_is_named_with_what_is_expected(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    del params["model"]["dropout"]
+    del params["model"]["cnn"]["dropout"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(PipelineError, match=r"missing key model.dropout \(expected a number in \[0, 1\)\)"):
+    with pytest.raises(PipelineError, match=r"missing key model.cnn.dropout \(expected a number in \[0, 1\)\)"):
         load_params(tmp_path / "params.yaml")
 
 
@@ -164,19 +166,28 @@ def test_processes_accepts_counts_and_auto(tmp_path, value):
 
 
 def test_every_key_says_what_it_allows():
-    for section, model in SECTIONS.items():
+    for section, model in GROUPS.items():
         for key in model.model_fields:
-            assert allowed_for(section, key).startswith(("a ", "an ", "one of ", "true or false", "64 ", "{file: "))
+            assert allowed_for(model, key).startswith(("a ", "an ", "one of ", "true or false", "64 ", "{file: "))
 
 
 def test_numbers_keep_the_type_yaml_gave_them(tmp_path):
     """models/model.pt records model.dropout: a dropout of 0 must stay the int it was written as, not become 0.0."""
-    path = write_params(tmp_path / "params.yaml", "model", "dropout", 0)
+    path = write_params(tmp_path / "params.yaml", "model.cnn", "dropout", 0)
     update_params(path, {"train": {"lr": 1, "weight_decay": 0.0}})
     params = load_params(path)
-    assert [(value, type(value)) for value in (params.model.dropout, params.train.lr, params.train.weight_decay)] == [
+    assert [(value, type(value)) for value in (params.model.cnn.dropout, params.train.lr, params.train.weight_decay)] == [
         (0, int), (1, int), (0.0, float)
     ]
+
+
+@pytest.mark.parametrize("written, number", [("1e-3", 0.001), ("5E-4", 0.0005), ("+2e-1", 0.2), ("1.5e-3", 0.0015), (".5e1", 5.0)])
+def test_a_number_in_exponent_notation_is_a_number_as_dvc_reads_it(tmp_path, written, number):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 (DVC's ruamel.yaml, and `dvc exp run -S`) as a float."""
+    path = write_params(tmp_path / "params.yaml", "train", "lr", 0.25)
+    path.write_text(path.read_text().replace("lr: 0.25", f"lr: {written}"))
+    assert load_params(path).train.lr == number
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}, "what PyYAML alone reads"
 
 
 @pytest.mark.parametrize("sha256", ["0" * 63 + "\n", "A" * 64, "0" * 65])
@@ -189,6 +200,6 @@ def test_a_dataset_hash_is_exactly_64_lowercase_hex_digits(tmp_path, sha256):
 def test_the_first_problem_in_file_order_is_reported(tmp_path):
     """Section by section, and in a section its keys in order; the rules across keys only once every key is valid."""
     path = write_params(tmp_path / "params.yaml", "export", "opset", 1)
-    update_params(path, {"model": {"freeze": True}, "train": {"lr": 0, "epochs": 0}})
+    update_params(path, {"model.resnet18": {"freeze": True}, "train": {"lr": 0, "epochs": 0}})
     with pytest.raises(PipelineError, match=r"train.epochs = 0 is not allowed"):
         load_params(path)

@@ -16,10 +16,16 @@ import onnxruntime
 import pytest
 import torch
 import yaml
+from conftest import (
+    REPO_ROOT,
+    TINY_PARAMS,
+    dataset_files,
+    update_params,
+    write_synthetic_mnist,
+)
 from dvc_render.base import Renderer
 
-from conftest import REPO_ROOT, TINY_PARAMS, dataset_files, update_params, write_synthetic_mnist
-from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.params import DATASET_FILES
 
 pytestmark = pytest.mark.slow
@@ -100,7 +106,7 @@ def test_first_repro_runs_every_stage_and_fails_over_to_the_good_mirror(project)
     assert "/good/train-images-idx3-ubyte.gz" in output
     dataset = yaml.safe_load((repo / "params.yaml").read_text())["dataset"]
     assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(dataset[key]["file"] for key in DATASET_FILES)
-    assert (repo / "data/pretrained/none.txt").is_file(), "model.pretrained: none fetches nothing, and says so"
+    assert (repo / "data/pretrained/none.txt").is_file(), "model.arch: cnn fetches nothing, and says so"
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert meta["counts"] == {"train": 540, "val": 60, "test": 200}
 
@@ -194,6 +200,17 @@ def test_forced_reruns_give_the_same_hashes_for_every_output(project):
     assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train.json"} <= set(first)
 
 
+def test_the_unused_architectures_keys_rerun_nothing(project):
+    """The train stage depends on model.${model.arch}: under the CNN, ResNet-18's group is validated, not a dep."""
+    repo, _ = project
+    params_before = (repo / "params.yaml").read_text()
+    update_params(repo / "params.yaml", {"model": {"resnet18": {"input_size": 96}}})
+    assert ran_stages(run(["dvc", "repro"], repo)) == []
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]
+    assert "model.cnn" in lock and "model.resnet18" not in lock
+    (repo / "params.yaml").write_text(params_before)
+
+
 def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(project):
     repo, _ = project
     update_params(repo / "params.yaml", {"train": {"lr": 0.02}})
@@ -210,7 +227,7 @@ def test_param_change_shows_in_params_diff_and_reruns_only_downstream_stages(pro
 def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_what_depends_on_them(project):
     import torchvision
 
-    from mnist_pipeline.download import file_sha256
+    from mnist_pipeline.files import file_sha256
 
     repo, _ = project
     params_before = (repo / "params.yaml").read_text()
@@ -220,7 +237,7 @@ def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     update_params(repo / "params.yaml", {
-        "model": {"arch": "resnet18", "pretrained": "imagenet", "freeze": True, "input_size": 32},
+        "model": {"arch": "resnet18", "resnet18": {"pretrained": "imagenet", "freeze": True, "input_size": 32}},
         "train": {"epochs": 1, "shift_pixels": 0},
         "weights": {"file": weights.name, "sha256": file_sha256(weights), "mirrors": [f"{server}weights/"]},
     })
@@ -241,7 +258,7 @@ def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(pro
     result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode != 0
-    assert "error: params.yaml: unknown key train.dropout_rate = 0.5 (did you mean model.dropout?); the keys of 'train' are:" in result.stdout + result.stderr
+    assert "error: params.yaml: unknown key train.dropout_rate = 0.5 (did you mean model.cnn.dropout?); the keys of 'train' are:" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     # No out persists (that would turn the run-cache off), so DVC deleted train's outs before running it;
     # the stages after it did not run and kept theirs.

@@ -9,15 +9,25 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    REPO_ROOT,
+    STAGE_ENV,
+    TINY_PARAMS,
+    assert_one_line_error,
+    run_stage_cli,
+    stage_command,
+    update_params,
+    write_synthetic_mnist,
+)
 
-from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, run_stage_cli, stage_command, update_params, write_synthetic_mnist
-from mnist_pipeline import augment, training
+from mnist_pipeline import augment, resume, training
+from mnist_pipeline import device as device_module
 from mnist_pipeline import model as model_module
-from stages import preprocess, train
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.distributed import Worker
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.params import load_params
+from stages import preprocess, train
 
 
 def test_random_shift_moves_each_image_by_at_most_the_limit():
@@ -225,7 +235,7 @@ def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_ste
 
         def counted(tensor, *args, original=original, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if caller in (train.__file__, training.__file__, model_module.__file__):
+            if caller in (train.__file__, training.__file__, resume.__file__, model_module.__file__, device_module.__file__):
                 reads.append(caller)
             return original(tensor, *args, **kwargs)
 
@@ -265,7 +275,7 @@ def test_a_training_state_saved_by_other_code_is_reported_and_not_resumed(resuma
     train.main()
     fresh = train_outputs(resumable_workdir)
     interrupted_state(resumable_workdir, monkeypatch)
-    monkeypatch.setattr(training, "code_digest", lambda files: "the digest of edited code")
+    monkeypatch.setattr(resume, "code_digest", lambda files: "the digest of edited code")
     capsys.readouterr()
     train.main()
     assert "comes from a run with other code; starting from epoch 1" in capsys.readouterr().out
@@ -275,10 +285,10 @@ def test_a_training_state_saved_by_other_code_is_reported_and_not_resumed(resuma
 def test_the_code_digest_covers_the_given_files_and_the_package(tmp_path):
     stage = tmp_path / "train.py"
     stage.write_text("print('one')\n")
-    before = training.code_digest([stage])
+    before = resume.code_digest([stage])
     stage.write_text("print('two')\n")
-    assert training.code_digest([stage]) != before
-    assert training.code_digest([]) != training.code_digest([stage])
+    assert resume.code_digest([stage]) != before
+    assert resume.code_digest([]) != resume.code_digest([stage])
 
 
 def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(workdir):
@@ -290,7 +300,7 @@ def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(w
 
 def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
     """The trial steps that make torch.compile compile up front are undone: weights, optimiser, random draws."""
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "dropout": 0.3}})
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "dropout": 0.3}}})
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
     params = load_params()

@@ -11,7 +11,6 @@ import onnx
 import pytest
 import torch
 import yaml
-
 from conftest import (
     MNIST_FILES,
     REPO_ROOT,
@@ -22,17 +21,20 @@ from conftest import (
     update_params,
     write_synthetic_mnist,
 )
+
 from mnist_pipeline import describe_dataset, training
-from stages import download, evaluate, export, preprocess, pretrained, train
-from mnist_pipeline.download import content_sha256, file_sha256
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.distributed import Worker
+from mnist_pipeline.download import content_sha256
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import file_sha256
 from mnist_pipeline.idx import write_idx
-from mnist_pipeline.model import ARCHITECTURES, architecture_for, build_model, load_checkpoint
-from mnist_pipeline.params import DATASET_FILES, MODEL_KEYS_BY_ARCH, load_params
+from mnist_pipeline.model import ARCHITECTURES, architecture_for, build_model
+from mnist_pipeline.params import DATASET_FILES, ModelParams, load_params
+from stages import download, evaluate, export, preprocess, pretrained, train
 
 WEIGHTS = "resnet18-test.pth"
-FROZEN = {"arch": "resnet18", "pretrained": "imagenet", "freeze": True, "input_size": 32}
+FROZEN = {"arch": "resnet18", "resnet18": {"pretrained": "imagenet", "freeze": True, "input_size": 32}}
 RESNET_PARAMS = {
     **TINY_PARAMS,
     "preprocess": {"val_size": 40},
@@ -64,18 +66,18 @@ def weights_mirror(http_root, weights_file, workdir):
 
 
 def test_every_architecture_has_a_builder_and_its_keys():
-    assert set(ARCHITECTURES) == set(MODEL_KEYS_BY_ARCH)
+    assert set(ARCHITECTURES) == set(ModelParams.model_fields) - {"arch"}, "one group of keys per architecture"
 
 
 @pytest.mark.parametrize(
     "model, message",
     [
-        ({"arch": "cnn", "pretrained": "imagenet"}, "model.pretrained = 'imagenet' is not allowed with model.arch = 'cnn': pretrained weights exist for resnet18 only"),
-        ({"arch": "resnet18", "freeze": True}, "model.freeze = true is not allowed with model.pretrained = 'none': a frozen backbone that was never trained stays random"),
-        ({"arch": "cnn", "freeze": True}, "model.freeze = true is not allowed with model.pretrained = 'none'"),
+        ({"arch": "resnet18", "resnet18": {"freeze": True}}, "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': a frozen backbone that was never trained stays random"),
+        ({"arch": "cnn", "resnet18": {"freeze": True}}, "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none'"),
         ({"arch": "vgg16"}, "model.arch = 'vgg16' is not allowed; expected one of cnn, resnet18"),
-        ({"input_size": 16}, "model.input_size = 16 is not allowed; expected an integer from 32 to 512"),
-        ({"pretrained": "yes"}, "model.pretrained = 'yes' is not allowed; expected one of none, imagenet"),
+        ({"resnet18": {"input_size": 16}}, "model.resnet18.input_size = 16 is not allowed; expected an integer from 32 to 512"),
+        ({"resnet18": {"pretrained": "yes"}}, "model.resnet18.pretrained = 'yes' is not allowed; expected one of none, imagenet"),
+        ({"pretrained": "imagenet"}, "unknown key model.pretrained = 'imagenet' (did you mean model.resnet18.pretrained"),
     ],
 )
 def test_model_combinations_that_make_no_network_are_refused(workdir, model, message):
@@ -102,7 +104,7 @@ def test_bad_dataset_params_are_refused(workdir, dataset, message):
 
 def test_a_resnet_takes_raw_grey_pixels_and_resizes_them_inside():
     params = load_params(REPO_ROOT / "params.yaml")
-    model_params = type(params.model)(**{**vars(params.model), "arch": "resnet18", "input_size": 32})
+    model_params = params.model.model_copy(update={"arch": "resnet18", "resnet18": params.model.resnet18.model_copy(update={"input_size": 32})})
     model = build_model(architecture_for(model_params, 28, 26), 0.13, 0.31).eval()
     assert model(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 26)
     assert model.prepare(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 3, 32, 32)
@@ -114,7 +116,7 @@ def test_the_pretrained_stage_fetches_verified_weights_only_when_asked(weights_m
     assert (pretrained.OUTPUT_DIR / WEIGHTS).read_bytes() == weights_file.read_bytes()
 
     # No weights asked for: nothing downloads (the only mirror refuses), the stale file goes, a note stays for DVC.
-    update_params(workdir / "params.yaml", {"model": {"pretrained": "none", "freeze": False}, "weights": {"mirrors": ["http://127.0.0.1:9/"]}})
+    update_params(workdir / "params.yaml", {"model": {"resnet18": {"pretrained": "none", "freeze": False}}, "weights": {"mirrors": ["http://127.0.0.1:9/"]}})
     pretrained.main()
     assert sorted(p.name for p in pretrained.OUTPUT_DIR.iterdir()) == ["none.txt"]
 
