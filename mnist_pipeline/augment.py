@@ -1,4 +1,4 @@
-"""Training-time augmentation of uint8 pixel batches: random shifts, rotations and zooms, drawn from a given generator."""
+"""Training-time augmentation of uint8 pixel batches: random shifts, rotations and zooms from a given generator."""
 
 import math
 
@@ -38,7 +38,9 @@ def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded[batch, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
-def random_affine(pixels: torch.Tensor, max_degrees: float, max_zoom: float, generator: torch.Generator) -> torch.Tensor:
+def random_affine(
+    pixels: torch.Tensor, max_degrees: float, max_zoom: float, generator: torch.Generator
+) -> torch.Tensor:
     """Rotate each image about its centre by a random angle in ±max_degrees and zoom it by a random factor
     in 1 ± max_zoom, bilinearly; returns float pixels on the same 0-255 scale, black where the border shows.
     """

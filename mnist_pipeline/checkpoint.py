@@ -34,7 +34,15 @@ def save_checkpoint(path: Path, network: nn.Module, architecture: dict, meta: di
         )
 
 
-CHECKPOINT_KEYS = ("state_dict", "architecture", "mean", "std", "class_names", "epoch", "device")  # what the stages read
+CHECKPOINT_KEYS = (
+    "state_dict",
+    "architecture",
+    "mean",
+    "std",
+    "class_names",
+    "epoch",
+    "device",
+)  # what the stages read
 RETRAIN = "rerun the train stage (dvc repro -f train)"
 
 
@@ -46,7 +54,9 @@ def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on a foreign file's pickle protocol: the error below says more
+            warnings.simplefilter(
+                "ignore"
+            )  # torch's notes on a foreign file's pickle protocol: the error below says more
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the train stage first (dvc repro train)") from None
@@ -59,7 +69,9 @@ def load_checkpoint(path: Path | str) -> tuple[PixelClassifier, dict]:
         ) from None
     except Exception as error:  # torch raises several types for a damaged file: RuntimeError, EOFError, OSError
         raise PipelineError(f"{path} is damaged or not a PyTorch file ({gist(error)}); {RETRAIN}") from None
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    missing = (
+        [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    )
     if missing:
         raise PipelineError(f"{path} is not a checkpoint of this pipeline: it lacks {', '.join(missing)}; {RETRAIN}")
     try:

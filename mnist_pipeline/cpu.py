@@ -5,7 +5,8 @@ CPU, which answers CPUID for itself. Where numpy's reading of CPUID denies a fla
 emulated CPU's flags are taken, and the description says it is emulated and names the host.
 
 The benchmark prints them beside its figures and trains its fast recipe in bf16 only where the CPU has bf16
-instructions; train.mixed_precision: always warns where it has none. The int8 model's answers do not depend on them: see onnx_export.quantize_int8.
+instructions; train.mixed_precision: always warns where it has none. The int8 model's answers do not depend on
+them: see onnx_export.quantize_int8.
 """
 
 import functools
@@ -59,7 +60,10 @@ def as_emulated(host: Cpu, cpuid: dict[str, bool]) -> Cpu:
     (CPUID_NAMES): the host itself where they agree; otherwise an emulated CPU with CPUID's flags."""
     if all(cpuid.get(flag, False) == (flag in host.flags) for flag in CPUID_NAMES):
         return host
-    return Cpu(f"an emulated CPU (/proc/cpuinfo names the host: {host.model})", frozenset(flag for flag in FLAGS if cpuid.get(flag)))
+    return Cpu(
+        f"an emulated CPU (/proc/cpuinfo names the host: {host.model})",
+        frozenset(flag for flag in FLAGS if cpuid.get(flag)),
+    )
 
 
 def cpuid_flags() -> dict[str, bool]:
@@ -73,7 +77,7 @@ def cpuid_flags() -> dict[str, bool]:
 
 @functools.cache
 def this_cpu() -> Cpu:
-    """The CPU this process runs on; without a readable /proc/cpuinfo (not Linux), no flags, so nothing is assumed native."""
+    """The CPU this process runs on; without a readable /proc/cpuinfo (not Linux), no flags: none assumed native."""
     try:
         host = parse_cpuinfo(CPUINFO.read_text())
     except OSError:

@@ -6,7 +6,7 @@ A step can be captured when it draws no random numbers, reads nothing back to th
 """
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -61,8 +61,10 @@ class TrainingState:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
         self.weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        self.moments = {parameter: {key: value.clone() for key, value in state.items() if torch.is_tensor(value)}
-                        for parameter, state in optimizer.state.items()}
+        self.moments = {
+            parameter: {key: value.clone() for key, value in state.items() if torch.is_tensor(value)}
+            for parameter, state in optimizer.state.items()
+        }
 
     def restore(self) -> None:
         self.model.load_state_dict(self.weights)  # copies into the existing tensors

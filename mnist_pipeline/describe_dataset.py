@@ -2,10 +2,10 @@
 
     mnist-describe-dataset /path/to/fashion-mnist
 
-Finds the training and test images and labels (gzipped IDX files, named *ubyte* or *idx*; images have three dimensions, labels one,
-and the names say train, or test or t10k), hashes their decompressed content as the download stage checks it,
-and names the classes after the label values found; labels that start at 1 get label_offset 1. Then point
-MNIST_PIPELINE_MIRRORS at the directory and run dvc repro.
+Finds the training and test images and labels (gzipped IDX files, named *ubyte* or *idx*; images have three
+dimensions, labels one, and the names say train, or test or t10k), hashes their decompressed content as the
+download stage checks it, and names the classes after the label values found; labels that start at 1 get
+label_offset 1. Then point MNIST_PIPELINE_MIRRORS at the directory and run dvc repro.
 """
 
 import sys

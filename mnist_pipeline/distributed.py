@@ -20,9 +20,10 @@ import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -80,7 +81,7 @@ class Worker:
         padded[: len(part)] = part  # all_gather wants the same shape from every rank
         pieces = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(pieces, padded)
-        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor summed over the workers (in place)."""
@@ -196,7 +197,8 @@ def planned_processes(params: TrainParams, device: torch.device) -> int:
         processes = gpus if params.processes == "auto" else params.processes
         if processes > gpus:
             raise PipelineError(
-                f"train.processes = {processes} is more than the {gpus} GPU{'s' * (gpus != 1)} PyTorch sees on this machine; "
+                f"train.processes = {processes} is more than the {gpus} GPU{'s' * (gpus != 1)} "
+                f"PyTorch sees on this machine; "
                 f"expected at most {gpus}, or auto (one process per GPU)"
             )
         return processes
@@ -204,8 +206,11 @@ def planned_processes(params: TrainParams, device: torch.device) -> int:
     cores = params.threads or len(os.sched_getaffinity(0))
     if processes > cores:
         what = f"train.threads = {params.threads}" if params.threads else f"{cores} CPU core{'s' * (cores != 1)}"
-        print(f"warning: train.processes = {processes} with {what}: the processes take turns on the cores, "
-              f"and training is slower than with {cores}", file=sys.stderr)
+        print(
+            f"warning: train.processes = {processes} with {what}: the processes take turns on the cores, "
+            f"and training is slower than with {cores}",
+            file=sys.stderr,
+        )
     return processes
 
 
@@ -230,12 +235,15 @@ def require_a_share_each(processes: int) -> None:
     for split, setting in (("train", "preprocess.train_limit"), ("val", "preprocess.val_size")):
         if counts[split] < processes:
             raise PipelineError(
-                f"the {split} split has {counts[split]} image{'s' * (counts[split] != 1)}, fewer than the {processes} training "
-                f"processes, and each needs a share; expected train.processes <= {counts[split]}, or a larger split ({setting})"
+                f"the {split} split has {counts[split]} image{'s' * (counts[split] != 1)}, "
+                f"fewer than the {processes} training processes, and each needs a share; "
+                f"expected train.processes <= {counts[split]}, or a larger split ({setting})"
             )
 
 
-def start_workers(worker_main: Callable[[Params, Worker], Any], params: Params, processes: int, outputs: tuple[Path, ...] = ()) -> Any:
+def start_workers(
+    worker_main: Callable[[Params, Worker], Any], params: Params, processes: int, outputs: tuple[Path, ...] = ()
+) -> Any:
     """worker_main(params, worker) in each of `processes` new processes on this machine, through PyTorch's elastic
     launcher; the first one's result. A worker that fails, or a launch that does, is one PipelineError naming the
     rank and its error (Ctrl-C a KeyboardInterrupt); the temp files the workers' atomic writes of `outputs` left
@@ -244,9 +252,15 @@ def start_workers(worker_main: Callable[[Params, Worker], Any], params: Params, 
         # Each worker's stderr goes to a file: the first worker's is shown once all succeeded; after a failure,
         # the one line of the failure replaces what the dying workers wrote there.
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex, max_restarts=0,
-            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{os.environ.get('MASTER_PORT', 0)}",
-            rdzv_configs={"timeout": rendezvous_timeout(), "is_host": True}, monitor_interval=0.1,
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            run_id=uuid.uuid4().hex,
+            max_restarts=0,
+            rdzv_backend="c10d",
+            rdzv_endpoint=f"127.0.0.1:{os.environ.get('MASTER_PORT', 0)}",
+            rdzv_configs={"timeout": rendezvous_timeout(), "is_host": True},
+            monitor_interval=0.1,
             logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
         )
         try:
@@ -277,8 +291,12 @@ def join_job(worker_main: Callable[[Params, Worker], Any], params: Params) -> An
     except PipelineError as error:
         raise PipelineError(f"{place}: {error}") from None
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=rendezvous_timeout()))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=rendezvous_timeout()),
+        )
     except Exception as error:
         raise PipelineError(f"{place}: could not join the other training processes: {launch_problem(error)}") from None
     try:
@@ -299,7 +317,10 @@ def launch_error(error: BaseException, processes: int) -> BaseException:
     """What elastic_launch raised, as the one-line error the stage ends with."""
     if isinstance(error, ChildFailedError):
         return PipelineError(failure_line(error, processes))
-    if isinstance(error, (KeyboardInterrupt, SignalException)) and getattr(error, "sigval", signal.SIGINT) == signal.SIGINT:
+    if (
+        isinstance(error, (KeyboardInterrupt, SignalException))
+        and getattr(error, "sigval", signal.SIGINT) == signal.SIGINT
+    ):
         return KeyboardInterrupt()  # Ctrl-C, which the workers got too: the caller says what a rerun does
     if isinstance(error, SignalException):
         return PipelineError(f"the training processes were stopped by {error.sigval.name}")
@@ -323,11 +344,16 @@ def launch_problem(error: Exception) -> str:
     text = " ".join(" ".join(str(cause) for cause in causes).split())
     master = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '?')}"
     if "address already in use" in text.lower() or "EADDRINUSE" in text:
-        return f"port {master} is in use by another program; choose a free port (MASTER_PORT, or torchrun's --rdzv-endpoint)"
+        return (
+            f"port {master} is in use by another program; "
+            "choose a free port (MASTER_PORT, or torchrun's --rdzv-endpoint)"
+        )
     if "timed out" in text.lower() or "timeout" in text.lower():
-        return (f"the rendezvous at {master} timed out after {rendezvous_timeout()} s ({TIMEOUT_VARIABLE}) waiting for "
-                f"{os.environ.get('WORLD_SIZE', 'all')} processes; start every node's torchrun with the same --nnodes "
-                f"and --rdzv-endpoint")
+        return (
+            f"the rendezvous at {master} timed out after {rendezvous_timeout()} s ({TIMEOUT_VARIABLE}) waiting for "
+            f"{os.environ.get('WORLD_SIZE', 'all')} processes; start every node's torchrun with the same --nnodes "
+            f"and --rdzv-endpoint"
+        )
     return gist(causes[-1])
 
 
@@ -353,7 +379,7 @@ def traceback_origin(error_file_data: dict) -> str:
     frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
     if not frames:
         return ""
-    path, _, rest = frames[-1][len('File "'):].partition('", line ')
+    path, _, rest = frames[-1][len('File "') :].partition('", line ')
     return f" (at {os.path.relpath(path)}:{rest.split(',')[0]})"
 
 

@@ -12,8 +12,8 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -51,7 +51,7 @@ def too_large(max_bytes: int) -> str:
 
 
 def stream_sha256(stream, max_bytes: int | None, too_large_words: str) -> str:
-    """SHA-256 of what `stream` reads; past max_bytes it fails (a gzip bomb, an endless stream) before the disk fills."""
+    """SHA-256 of what `stream` reads; past max_bytes it fails (a gzip bomb, an endless stream) before disks fill."""
     digest = hashlib.sha256()
     size = 0
     while chunk := stream.read(CHUNK):
@@ -134,7 +134,9 @@ def fetch(url: str, destination: Path, timeout: float, *, max_bytes: int | None,
                     out.write(chunk)
                     bar.update(len(chunk))
                     if deadline is not None and time.monotonic() - started > deadline:
-                        raise past_deadline(deadline, received)  # permanent: a mirror this slow would take as long again
+                        raise past_deadline(
+                            deadline, received
+                        )  # permanent: a mirror this slow would take as long again
             if size is not None and received != size:
                 raise DownloadFailed(f"connection closed after {received} of {size} bytes", permanent=False)
     except urllib.error.HTTPError as error:
@@ -163,7 +165,8 @@ def download_verified(
 ) -> None:
     """Download to a temp file and rename it to `target` only once its hash (`digest`) is the expected one.
 
-    max_bytes bounds the download and what `digest` reads (the decompressed content); deadline each transfer (see fetch).
+    max_bytes bounds the download and what `digest` reads (the decompressed content); deadline, each transfer
+    (see fetch).
     """
     with atomic_path(target) as temp:
         fetch(url, temp, timeout, max_bytes=max_bytes, deadline=deadline)
@@ -210,7 +213,8 @@ def download_file(
         + "\n".join(failures)
         + f"\nTo work offline, put {offline_files} in a directory and point {MIRRORS_ENV} at it:\n"
         f"  {MIRRORS_ENV}=/path/to/mnist dvc repro\n"
-        f"({MIRRORS_ENV} takes comma-separated directories, file:// or http(s):// base URLs, tried before params.yaml's download.mirrors.)"
+        f"({MIRRORS_ENV} takes comma-separated directories, file:// or http(s):// base URLs, tried before "
+        "params.yaml's download.mirrors.)"
     )
 
 

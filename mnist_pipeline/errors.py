@@ -3,7 +3,7 @@
 import errno
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class PipelineError(Exception):
@@ -58,7 +58,8 @@ def describe_disk_fault(fault: OSError) -> str:
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError, or a disk or permission fault (DISK_FAULTS), becomes one line on
-    stderr and exit status 1. Outputs are written through mnist_pipeline.files, so such a failure leaves no partial file."""
+    stderr and exit status 1. Outputs are written through mnist_pipeline.files, so such a failure leaves no partial
+    file."""
     try:
         main()
     except PipelineError as error:

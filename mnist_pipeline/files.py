@@ -6,8 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mnist_pipeline.errors import PipelineError, disk_fault
 
@@ -16,13 +16,15 @@ SPACE_MARGIN = 1 << 20  # bytes on top of a free-space estimate: file-system blo
 
 @contextlib.contextmanager
 def naming_output(target: Path) -> Iterator[None]:
-    """A disk fault (mnist_pipeline.errors.DISK_FAULTS) while writing `target` names `target`: a failed write names no file,
-    and a temp file's random name means nothing to a user."""
+    """A disk fault (mnist_pipeline.errors.DISK_FAULTS) while writing `target` names `target`: a failed write names no
+    file, and a temp file's random name means nothing to a user."""
     try:
         yield
     except Exception as error:
         fault = disk_fault(error)
-        if fault is not None and (fault.filename is None or Path(os.fsdecode(fault.filename)).name.startswith(f".{target.name}.")):
+        if fault is not None and (
+            fault.filename is None or Path(os.fsdecode(fault.filename)).name.startswith(f".{target.name}.")
+        ):
             fault.filename, fault.filename2 = str(target), None
         raise
 
@@ -99,7 +101,8 @@ def require_free_space(directory: Path | str, needed: int, writer: str) -> None:
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise PipelineError(
-            f"{directory}: not enough free space: {writer} needs {megabytes(needed)} there, {megabytes(free)} are free; "
+            f"{directory}: not enough free space: {writer} needs {megabytes(needed)} there, "
+            f"{megabytes(free)} are free; "
             f"free some space (df -h {existing}) and run the stage again"
         )
 

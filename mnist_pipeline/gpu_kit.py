@@ -22,8 +22,14 @@ SERVER_HAS = "torch torchvision numpy pandas scikit-learn onnx onnxruntime pyyam
 EXTRA = ["pytest"]  # the GPU check runs the CUDA tests too
 MAX_BYTES = 50 * 2**20
 # pip's tags for a manylinux x86-64 server; pip matches each manylinux version exactly.
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64", "linux_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+    "linux_x86_64",
+]
 
 
 def canonical(name: str) -> str:
@@ -36,7 +42,9 @@ def project_requirements() -> list[str]:
 
 
 def pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True
+    )
 
 
 def closure(requirements: list[str]) -> dict[str, str]:
@@ -47,7 +55,10 @@ def closure(requirements: list[str]) -> dict[str, str]:
         result = pip("install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(report), *requirements)
         if result.returncode:
             raise PipelineError(f"pip could not resolve {' '.join(requirements)}: {last_line(result)}")
-        return {canonical(item["metadata"]["name"]): item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+        return {
+            canonical(item["metadata"]["name"]): item["metadata"]["version"]
+            for item in json.loads(report.read_text())["install"]
+        }
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
@@ -61,7 +72,10 @@ def fetch_wheels(packages: dict[str, str], python_version: str, folder: Path) ->
     target = [f"--python-version={python_version}", "--implementation=cp", *(f"--platform={tag}" for tag in PLATFORMS)]
     pinned = [f"{name}=={version}" for name, version in sorted(packages.items())]
     print(f"downloading {len(pinned)} wheels for Python {python_version}", flush=True)
-    if pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(folder), *pinned).returncode == 0:
+    if (
+        pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(folder), *pinned).returncode
+        == 0
+    ):
         return
     for requirement in pinned:
         result = pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(folder), requirement)
@@ -70,7 +84,9 @@ def fetch_wheels(packages: dict[str, str], python_version: str, folder: Path) ->
         name, version = requirement.split("==")
         built = pip("wheel", "--quiet", "--no-deps", "-w", str(folder), requirement)
         if built.returncode or not list(folder.glob(f"{name.replace('-', '_')}-{version}-py3-none-any.whl")):
-            raise PipelineError(f"no wheel of {requirement} for Python {python_version} on manylinux x86-64: {last_line(result)}")
+            raise PipelineError(
+                f"no wheel of {requirement} for Python {python_version} on manylinux x86-64: {last_line(result)}"
+            )
         print(f"{requirement}: PyPI has no wheel; built one here (pure Python)", flush=True)
 
 
@@ -79,35 +95,61 @@ def copy_dataset(folder: Path) -> None:
     params = load_params()
     folder.mkdir()
     for name, expected in params.dataset.files().items():
-        download_file(name, expected, mirrors_to_try(params.download.mirrors), params.download.timeout, params.download.retries,
-                      max_bytes=params.download.max_megabytes * MEGABYTE, deadline=params.download.deadline, output_dir=folder)
+        download_file(
+            name,
+            expected,
+            mirrors_to_try(params.download.mirrors),
+            params.download.timeout,
+            params.download.retries,
+            max_bytes=params.download.max_megabytes * MEGABYTE,
+            deadline=params.download.deadline,
+            output_dir=folder,
+        )
 
 
 def build(out: Path, python_version: str, server_has: list[str]) -> dict:
     present = closure(server_has)
-    wanted = [text for text in project_requirements() + EXTRA if canonical(re.match(r"[A-Za-z0-9._-]+", text).group()) not in present]
+    wanted = [
+        text
+        for text in project_requirements() + EXTRA
+        if canonical(re.match(r"[A-Za-z0-9._-]+", text).group()) not in present
+    ]
     needed = {name: version for name, version in closure(wanted).items() if name not in present}
     with atomic_directory(out) as folder:
         wheels = folder / "wheels"
         wheels.mkdir()
         fetch_wheels(needed, python_version, wheels)
         copy_dataset(folder / "mnist")
-        manifest = {"python": python_version, "server_has": server_has, "wheels": sorted(p.name for p in wheels.iterdir())}
+        manifest = {
+            "python": python_version,
+            "server_has": server_has,
+            "wheels": sorted(p.name for p in wheels.iterdir()),
+        }
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
         if size > MAX_BYTES:
-            raise PipelineError(f"the kit would hold {size / 2**20:.1f} MiB, over its {MAX_BYTES // 2**20} MiB; "
-                                f"name more of what the server has with --server-has")
-    print(f"{out}/: {len(manifest['wheels'])} wheels for Python {python_version} and the MNIST files, {size / 2**20:.1f} MiB")
+            raise PipelineError(
+                f"the kit would hold {size / 2**20:.1f} MiB, over its {MAX_BYTES // 2**20} MiB; "
+                f"name more of what the server has with --server-has"
+            )
+    print(
+        f"{out}/: {len(manifest['wheels'])} wheels for Python {python_version} and the MNIST files, "
+        f"{size / 2**20:.1f} MiB"
+    )
     return manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("--python-version", default="3.12", help="the server's Python, major.minor (default: 3.12)")
-    parser.add_argument("--server-has", default=SERVER_HAS,
-                        help=f"the packages the server's Python has already, space-separated (default: {SERVER_HAS})")
-    parser.add_argument("--out", type=Path, default=Path("gpu-kit"), help="the kit's folder, replaced (default: gpu-kit)")
+    parser.add_argument(
+        "--server-has",
+        default=SERVER_HAS,
+        help=f"the packages the server's Python has already, space-separated (default: {SERVER_HAS})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("gpu-kit"), help="the kit's folder, replaced (default: gpu-kit)"
+    )
     args = parser.parse_args()
     if not re.fullmatch(r"3\.\d+", args.python_version):
         raise PipelineError(f"--python-version = {args.python_version!r}: expected major.minor, such as 3.12")

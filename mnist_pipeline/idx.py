@@ -38,7 +38,9 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
         raise PipelineError(f"{name} is not an IDX file: bad magic number {data[:4].hex() or '(empty)'}")
     element_type, ndim = data[2], data[3]
     if element_type != UINT8:
-        raise PipelineError(f"{name}: element type 0x{element_type:02x} is not supported (expected 0x08, unsigned byte)")
+        raise PipelineError(
+            f"{name}: element type 0x{element_type:02x} is not supported (expected 0x08, unsigned byte)"
+        )
     if ndim == 0:
         raise PipelineError(f"{name}: an IDX file needs at least one dimension")
     header = 4 + 4 * ndim

@@ -45,13 +45,17 @@ def inference_service(storage_uri: str) -> dict:
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": MODEL_NAME},
-        "spec": {"predictor": {"model": {
-            "modelFormat": {"name": "onnx"},
-            "runtime": "kserve-tritonserver",
-            "protocolVersion": "v2",
-            "storageUri": storage_uri,
-            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
-        }}},
+        "spec": {
+            "predictor": {
+                "model": {
+                    "modelFormat": {"name": "onnx"},
+                    "runtime": "kserve-tritonserver",
+                    "protocolVersion": "v2",
+                    "storageUri": storage_uri,
+                    "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+                }
+            }
+        },
     }
 
 
@@ -67,16 +71,22 @@ def write(out: Path, model: Path | None, storage_uri: str, max_batch: int, max_w
         (repository / "config.pbtxt").write_text(triton_config(classifier, max_batch, max_wait_ms))
         (temp / "inferenceservice.yaml").write_text(yaml.safe_dump(inference_service(storage_uri), sort_keys=False))
     repository = out / "model-repository" / MODEL_NAME
-    print(f"wrote {repository}/ and {out / 'inferenceservice.yaml'}: upload {out / 'model-repository'} to "
-          f"{storage_uri}, then kubectl apply -f {out / 'inferenceservice.yaml'}", file=sys.stderr)
+    print(
+        f"wrote {repository}/ and {out / 'inferenceservice.yaml'}: upload {out / 'model-repository'} to "
+        f"{storage_uri}, then kubectl apply -f {out / 'inferenceservice.yaml'}",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mnist-kserve", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="a new directory for the model repository and the manifest")
     parser.add_argument("--model", help="the exported ONNX model (default: found as mnist-predict finds it)")
-    parser.add_argument("--storage-uri", default="s3://your-bucket/mnist/model-repository",
-                        help="where the cluster will read the model repository (default: a placeholder)")
+    parser.add_argument(
+        "--storage-uri",
+        default="s3://your-bucket/mnist/model-repository",
+        help="where the cluster will read the model repository (default: a placeholder)",
+    )
     parser.add_argument("--max-batch", type=int, default=64, help="Triton's max_batch_size (default: 64)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="Triton's batching delay in ms (default: 2)")
     args = parser.parse_args(argv)

@@ -4,9 +4,9 @@
 import copy
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -223,7 +223,9 @@ def load_pretrained(model: PixelClassifier, architecture: dict, path: Path) -> N
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the pretrained stage first (dvc repro pretrained)") from None
     except pickle.UnpicklingError:
-        raise PipelineError(f"{path} holds something other than tensors and plain data, which is never unpickled") from None
+        raise PipelineError(
+            f"{path} holds something other than tensors and plain data, which is never unpickled"
+        ) from None
     except Exception as error:
         raise PipelineError(f"{path} is damaged or not a PyTorch file ({gist(error)})") from None
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
@@ -237,5 +239,9 @@ def load_pretrained(model: PixelClassifier, architecture: dict, path: Path) -> N
     if missing or unexpected:
         raise PipelineError(
             f"{path} does not fit {architecture['arch']}: "
-            + "; ".join(f"{what} {', '.join(names[:3])}" for what, names in [("missing", missing), ("unexpected", unexpected)] if names)
+            + "; ".join(
+                f"{what} {', '.join(names[:3])}"
+                for what, names in [("missing", missing), ("unexpected", unexpected)]
+                if names
+            )
         )

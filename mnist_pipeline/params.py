@@ -1,4 +1,4 @@
-"""The params.yaml schema: every key, its type and allowed values, as pydantic models validated in one place before any work."""
+"""The params.yaml schema: every key, its type and allowed values, as pydantic models validated before any work."""
 
 import functools
 import re
@@ -16,6 +16,7 @@ PARAMS_FILE = Path("params.yaml")
 
 # The four files of an MNIST-format dataset, by the key that names each one in the dataset section.
 DATASET_FILES = ("train_images", "train_labels", "test_images", "test_labels")
+
 
 def _as_written(value: Any, validate) -> Any:
     """Check a number against its float schema but keep it as the YAML wrote it: 0 stays the int 0, since
@@ -35,7 +36,7 @@ def _mirror(value: str) -> str:
         raise ValueError("empty")
     if "://" in value:
         url = urlsplit(value)
-        url.port  # raises ValueError for a port that is not a number
+        _ = url.port  # raises ValueError for a port that is not a number
         if not (url.scheme == "file" or (url.scheme in ("http", "https") and url.hostname)):
             raise ValueError("not an http(s):// or file:// URL")
     return value
@@ -146,9 +147,9 @@ class Resnet18Params(Section):
     def _trains_something(self):
         if self.freeze and self.pretrained == "none":
             raise ValueError(
-                "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': a frozen backbone "
-                "that was never trained stays random, and only the last layer would learn; set "
-                "model.resnet18.pretrained: imagenet, or model.resnet18.freeze: false"
+                "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': "
+                "a frozen backbone that was never trained stays random, and only the last layer would learn; "
+                "set model.resnet18.pretrained: imagenet, or model.resnet18.freeze: false"
             )
         return self
 
@@ -183,7 +184,8 @@ class TrainParams(Section):
     mixed_precision: Literal["auto", "always", "never"]  # not on/off: YAML reads those as booleans
     threads: Annotated[int, Field(ge=0, le=1024)]
     processes: Annotated[
-        Annotated[int, Field(ge=1)] | Literal["auto"], Field(description="an integer >= 1, or auto (one per visible GPU)")
+        Annotated[int, Field(ge=1)] | Literal["auto"],
+        Field(description="an integer >= 1, or auto (one per visible GPU)"),
     ]
     compile: bool
     cuda_graphs: bool
@@ -230,7 +232,10 @@ class Params(Section):
 
 SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Params.model_fields.items()}
 # The sections and the groups inside one (model's, one per architecture) by dotted name, as the messages name them.
-GROUPS = {**SECTIONS, **{f"model.{name}": field.annotation for name, field in ModelParams.model_fields.items() if name != "arch"}}
+GROUPS = {
+    **SECTIONS,
+    **{f"model.{name}": field.annotation for name, field in ModelParams.model_fields.items() if name != "arch"},
+}
 
 
 def _check_cuda(params: Params, source: Path) -> None:
@@ -254,7 +259,9 @@ class ParamsLoader(yaml.SafeLoader):
 
 
 ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
 )
 
 

@@ -1,4 +1,4 @@
-"""mnist-predict: the exported ONNX model's answer for image files, directories, .npy arrays and IDX files, without PyTorch.
+"""mnist-predict: the exported ONNX model's answer for image files, directories, .npy arrays and IDX files, no PyTorch.
 
 Only onnxruntime, numpy and Pillow run here, so the command starts in a fraction of the time PyTorch takes to import.
 A real image is turned into what the model was trained on the way the MNIST database itself was made: grey levels,
@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -47,8 +47,10 @@ def default_model() -> Path:
     for place in places:
         if place.is_file():
             return place
-    raise PipelineError(f"no model at {Path.cwd() / DEFAULT_MODEL} nor at {places[1]}: export one first "
-                        f"(dvc repro export), or name one with --model")
+    raise PipelineError(
+        f"no model at {Path.cwd() / DEFAULT_MODEL} nor at {places[1]}: export one first "
+        f"(dvc repro export), or name one with --model"
+    )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,8 +74,10 @@ class Classifier:
         names = self.session.get_modelmeta().custom_metadata_map.get("class_names", "")
         fixed_size = len(shape) == 4 and all(isinstance(side, int) for side in shape[2:])
         if inputs[0].name != INPUT_NAME or not fixed_size or LOGITS not in outputs or not names:
-            raise PipelineError(f"{path} is not a model exported by this pipeline: it lacks the '{INPUT_NAME}' input "
-                                f"(N, 1, H, W), the '{LOGITS}' output or its class names")
+            raise PipelineError(
+                f"{path} is not a model exported by this pipeline: it lacks the '{INPUT_NAME}' input "
+                f"(N, 1, H, W), the '{LOGITS}' output or its class names"
+            )
         self.class_names = names.split(",")
         self.image_size = (int(shape[2]), int(shape[3]))
         # Models exported before the probabilities output existed still work: softmax here instead.
@@ -174,15 +178,19 @@ def decode_image(source, name: str, max_pixels: int = MAX_PIXELS, also: str = ""
             image = Image.open(source)
         with image:
             if image.width * image.height > max_pixels:
-                raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is more than the {max_pixels:,} "
-                                    f"this command decodes (it would take too much memory)")
+                raise ImageTooLarge(
+                    f"{name}: {image.width}x{image.height} pixels is more than the {max_pixels:,} "
+                    f"this command decodes (it would take too much memory)"
+                )
             image.load()
             return grey_levels(image)
     except UnidentifiedImageError:
         raise NotAnImage(f"{name}: not an image ({IMAGE_FORMATS}){also}") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{name}: more than {max_pixels:,} pixels, which this command does not decode "
-                            f"(it would take too much memory)") from None
+        raise ImageTooLarge(
+            f"{name}: more than {max_pixels:,} pixels, which this command does not decode "
+            f"(it would take too much memory)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged or truncated files
         raise NotAnImage(f"{name}: damaged or truncated image ({gist(error)})") from None
 
@@ -211,8 +219,10 @@ def read_array_file(path: Path, data: bytes) -> np.ndarray:
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim not in (2, 3) or array.size == 0 or array.dtype.kind not in "uif" or array.dtype.itemsize > 8:
-        raise PipelineError(f"{path} holds an array of shape {array.shape} and type {array.dtype}; "
-                            f"expected images: (H, W), (N, H, W) or (N, 1, H, W) numbers")
+        raise PipelineError(
+            f"{path} holds an array of shape {array.shape} and type {array.dtype}; "
+            f"expected images: (H, W), (N, H, W) or (N, 1, H, W) numbers"
+        )
     if array.dtype.kind == "f" and array.max(initial=0) <= 1:  # floats in 0-1, as ToTensor makes them
         array = array * 255
     return np.clip(np.round(array), 0, 255).astype(np.uint8) if array.dtype != np.uint8 else array
@@ -228,6 +238,7 @@ def model_inputs(path: Path, size: tuple[int, int]) -> Iterator[tuple[str, int |
     Images in array and IDX files that already have the model's size are taken as they are: such files hold a
     dataset's own images, prepared for it. Everything else is prepared the MNIST way (mnist_style).
     """
+
     def prepared(name: str, image: np.ndarray) -> np.ndarray:
         if image.shape == size and from_array:
             return image
@@ -260,7 +271,9 @@ def expand(paths: list[str]) -> list[Path]:
         path = Path(name)
         if path.is_dir():
             files += sorted(
-                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
         else:
             files.append(path)
@@ -274,8 +287,11 @@ def top_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> li
 
 def answer(ranked: list[tuple[str, float]]) -> dict:
     """The JSON answer for one image, as --json prints it and mnist-serve's /predict returns it."""
-    return {"class": ranked[0][0], "probability": round(ranked[0][1], 6),
-            "top": [{"class": c, "probability": round(p, 6)} for c, p in ranked]}
+    return {
+        "class": ranked[0][0],
+        "probability": round(ranked[0][1], 6),
+        "top": [{"class": c, "probability": round(p, 6)} for c, p in ranked],
+    }
 
 
 def format_row(name: str, index: int | None, ranked: list[tuple[str, float]], as_json: bool) -> str:
@@ -294,7 +310,9 @@ def predict(paths: list[str], model: Path | str | None, top: int, as_json: bool,
         raise PipelineError(f"--threads {threads} is not allowed; expected 0 (every core) or more")
     classifier = Classifier(default_model() if model is None else model, threads)
     if not 1 <= top <= len(classifier.class_names):
-        raise PipelineError(f"--top {top} is not allowed; expected 1 to {len(classifier.class_names)} (the model's classes)")
+        raise PipelineError(
+            f"--top {top} is not allowed; expected 1 to {len(classifier.class_names)} (the model's classes)"
+        )
     files = expand(paths)
     failed = 0
     pending: list[tuple[str, int | None, np.ndarray]] = []
@@ -305,7 +323,7 @@ def predict(paths: list[str], model: Path | str | None, top: int, as_json: bool,
         pixels = np.stack([image for _, _, image in pending])[:, None]
         rows = [
             format_row(name, index, top_classes(p, classifier.class_names, top), as_json)
-            for (name, index, _), p in zip(pending, classifier.probabilities(pixels))
+            for (name, index, _), p in zip(pending, classifier.probabilities(pixels), strict=True)
         ]
         tqdm.write("\n".join(rows), file=sys.stdout)
         pending.clear()
@@ -338,8 +356,11 @@ def main(argv: list[str] | None = None) -> None:
         "the next classes). Reads PNG, JPEG, BMP, GIF and TIFF images, directories of them, .npy arrays and IDX files.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, directories, .npy or IDX files")
-    parser.add_argument("--model", help=f"an exported ONNX model, fp32 or int8 (default: {DEFAULT_MODEL} here, "
-                        f"else in the checkout the command was installed from)")
+    parser.add_argument(
+        "--model",
+        help=f"an exported ONNX model, fp32 or int8 (default: {DEFAULT_MODEL} here, "
+        f"else in the checkout the command was installed from)",
+    )
     parser.add_argument("--top", type=int, default=3, metavar="K", help="show the K most likely classes (default: 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for onnxruntime (default 0: every core)")

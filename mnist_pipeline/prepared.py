@@ -1,4 +1,4 @@
-"""The data/prepared/ format (one .npz per split, plus meta.json) and the seeded split of the training images into it."""
+"""The data/prepared/ format (one .npz per split, plus meta.json) and the seeded split of the training images."""
 
 import contextlib
 import json
@@ -77,7 +77,9 @@ def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
     except (PermissionError, IsADirectoryError):
         raise  # the file system's doing, not a corrupt file: mnist_pipeline.errors.run_stage says so
     except (OSError, ValueError, KeyError) as error:
-        raise PipelineError(f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)") from None
+        raise PipelineError(
+            f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)"
+        ) from None
 
 
 def load_meta() -> dict:
@@ -87,4 +89,6 @@ def load_meta() -> dict:
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the preprocess stage first (dvc repro preprocess)") from None
     except json.JSONDecodeError as error:
-        raise PipelineError(f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)") from None
+        raise PipelineError(
+            f"{path} is corrupt ({error}): rerun the preprocess stage (dvc repro -f preprocess)"
+        ) from None

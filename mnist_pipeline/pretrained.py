@@ -1,4 +1,4 @@
-"""Where the pretrained stage puts, and the train stage finds, the ImageNet weights that model.resnet18.pretrained asks for."""
+"""Where the pretrained stage puts, and the train stage finds, the ImageNet weights of model.resnet18.pretrained."""
 
 from pathlib import Path
 

@@ -5,8 +5,8 @@ carries on from there to the same bytes; a state of another origin is reported i
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -33,16 +33,22 @@ def run_origin(params: Params, run: Run, code_files: list[Path]) -> dict[str, st
     if run.weights is not None:
         data.update(file_sha256(run.weights).encode())
     settings = json.dumps([params.model.model_dump(), params.train.model_dump()])
-    return {"params": hashlib.sha256(settings.encode()).hexdigest(),
-            "processes and threads": f"{run.worker.world_size} x {torch.get_num_threads()}",
-            "device": run.device.type, "data": data.hexdigest(), "code": code_digest(code_files)}
+    return {
+        "params": hashlib.sha256(settings.encode()).hexdigest(),
+        "processes and threads": f"{run.worker.world_size} x {torch.get_num_threads()}",
+        "device": run.device.type,
+        "data": data.hexdigest(),
+        "code": code_digest(code_files),
+    }
 
 
 def origin_difference(saved: dict, origin: dict) -> str:
     """How a saved state's origin differs from this run's, in words: "other params", "device cuda, not cpu"."""
+
     def difference(name: str) -> str:
         shown = name in ("device", "processes and threads")
         return f"{name} {saved.get(name)}, not {origin[name]}" if shown else f"other {name}"
+
     return ", ".join(difference(name) for name in origin if saved.get(name) != origin[name])
 
 
@@ -114,4 +120,6 @@ def stopped_hint(resume_file: Path) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         hint = f"run it again with the same params to resume from {resume_file}" if resume_file.exists() else ""
-        raise KeyboardInterrupt(f"training stopped; {hint}" if hint else "training stopped before its first epoch ended") from None
+        raise KeyboardInterrupt(
+            f"training stopped; {hint}" if hint else "training stopped before its first epoch ended"
+        ) from None

@@ -60,8 +60,11 @@ def autocast_dtype(device: torch.device, mixed_precision: str, cpu: Cpu) -> torc
     if mixed_precision != "always":
         return None
     if not cpu.native_bf16:
-        print(f"warning: train.mixed_precision = always on a CPU without native bf16 ({cpu.describe()}): bf16 is "
-              f"emulated there, several times slower than fp32; 'auto' or 'never' trains in fp32", file=sys.stderr)
+        print(
+            f"warning: train.mixed_precision = always on a CPU without native bf16 ({cpu.describe()}): bf16 is "
+            f"emulated there, several times slower than fp32; 'auto' or 'never' trains in fp32",
+            file=sys.stderr,
+        )
     return torch.bfloat16
 
 
@@ -70,5 +73,7 @@ def autocast_for(device: torch.device, mixed_precision: str) -> tuple[torch.auto
     saved model stay fp32 either way."""
     dtype = autocast_dtype(device, mixed_precision, this_cpu())
     # No cache of cast weights: it would outlive a CUDA graph's capture, and each step casts each weight once anyway.
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
+    autocast = torch.autocast(
+        device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False
+    )
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

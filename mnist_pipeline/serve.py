@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import swagger_ui_bundle
@@ -34,7 +34,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, PROBABILITIES
 from mnist_pipeline.predict import (
-    Classifier, ImageTooLarge, NoDigit, answer, decode_image, default_model, mnist_style, softmax, top_classes,
+    Classifier,
+    ImageTooLarge,
+    NoDigit,
+    answer,
+    decode_image,
+    default_model,
+    mnist_style,
+    softmax,
+    top_classes,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -114,7 +122,10 @@ class Batcher:
             start = 0
             for images, future in batch:
                 if not future.done():  # its client may have gone
-                    future.set_result({n: o[start : start + len(images)] for n, o in zip(self.output_names, outputs)})
+                    rows = slice(start, start + len(images))
+                    future.set_result(
+                        {name: output[rows] for name, output in zip(self.output_names, outputs, strict=True)}
+                    )
                 start += len(images)
 
 
@@ -124,13 +135,26 @@ class Metrics:
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry()
         self.requests = Counter("mnist_requests", "HTTP requests answered", ["path", "status"], registry=self.registry)
-        self.errors = Counter("mnist_errors", "HTTP requests answered with a 4xx or 5xx status", ["path", "status"],
-                              registry=self.registry)
-        self.latency = Histogram("mnist_request_seconds", "Time to answer a request", ["path"], registry=self.registry,
-                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.errors = Counter(
+            "mnist_errors",
+            "HTTP requests answered with a 4xx or 5xx status",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mnist_request_seconds",
+            "Time to answer a request",
+            ["path"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-        self.batch_sizes = Histogram("mnist_batch_images", "Images per onnxruntime call", registry=self.registry,
-                                     buckets=sorted({*(s for s in sizes if s < max_batch), max_batch, MAX_REQUEST_IMAGES}))
+        self.batch_sizes = Histogram(
+            "mnist_batch_images",
+            "Images per onnxruntime call",
+            registry=self.registry,
+            buckets=sorted({*(s for s in sizes if s < max_batch), max_batch, MAX_REQUEST_IMAGES}),
+        )
 
 
 class ServedModel:
@@ -181,6 +205,7 @@ class Ranked(BaseModel):
 
 class PredictAnswer(BaseModel):
     """mnist-predict --json's answer for one image; for a blank image, no class and a message instead."""
+
     model_config = ConfigDict(populate_by_name=True)
     class_: str | None = Field(alias="class")
     probability: float | None
@@ -275,8 +300,11 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
     served = ServedModel(None if model is None else Path(model))
     metrics = Metrics(max_batch)
     active = [0]  # requests being handled now
-    batcher = (Batcher(served.classifier.session, max_batch, max_wait_ms / 1000, metrics.batch_sizes, lambda: active[0])
-               if served.classifier else None)
+    batcher = (
+        Batcher(served.classifier.session, max_batch, max_wait_ms / 1000, metrics.batch_sizes, lambda: active[0])
+        if served.classifier
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -286,9 +314,15 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
         if batcher:
             await batcher.stop()
 
-    app = FastAPI(title="mnist-serve", version=metadata.version("mnist-pipeline"), lifespan=lifespan,
-                  description="The exported MNIST model on the Open Inference Protocol (KServe v2), with `/predict` "
-                              "for image files and a draw-a-digit page at `/`.", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="mnist-serve",
+        version=metadata.version("mnist-pipeline"),
+        lifespan=lifespan,
+        description="The exported MNIST model on the Open Inference Protocol (KServe v2), with `/predict` "
+        "for image files and a draw-a-digit page at `/`.",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.served, app.state.metrics = served, metrics
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     app.add_middleware(Measure, metrics=metrics, active=active)
@@ -303,7 +337,9 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
     async def validation_error(_request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")}, 400)
+        return JSONResponse(
+            {"error": f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")}, 400
+        )
 
     def classifier() -> Classifier:
         if served.classifier is None:
@@ -322,10 +358,13 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="mnist-serve API",
-                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
-                                   swagger_css_url="/static/swagger/swagger-ui.css",
-                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="mnist-serve API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png",
+        )
 
     @app.get("/metrics", summary="Prometheus metrics: requests, errors, latency, batch sizes")
     async def prometheus():
@@ -339,8 +378,11 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="Whether the model is loaded; 503 with the reason when not",
-             responses={503: {"model": ErrorAnswer}})
+    @app.get(
+        "/v2/health/ready",
+        summary="Whether the model is loaded; 503 with the reason when not",
+        responses={503: {"model": ErrorAnswer}},
+    )
     async def ready():
         classifier()
         return {"ready": True}
@@ -356,21 +398,32 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
         height, width = model.image_size
         outputs = [o.name for o in model.session.get_outputs()]
         return {
-            "name": MODEL_NAME, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "name": MODEL_NAME,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
             "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 1, height, width]}],
             "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, len(model.class_names)]} for n in outputs],
             "parameters": {"class_names": model.class_names},
         }
 
-    infer_body = {"required": True, "content": {
-        "application/json": {"schema": inline_refs(InferRequest.model_json_schema())},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                     "description": f"the binary tensor extension: JSON, then the tensors' bytes, "
-                                                    f"the JSON's length in the {HEADER_LENGTH} header"},
-    }}
+    infer_body = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": inline_refs(InferRequest.model_json_schema())},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"the binary tensor extension: JSON, then the tensors' bytes, "
+                f"the JSON's length in the {HEADER_LENGTH} header",
+            },
+        },
+    }
 
-    @app.post("/v2/models/{name}/infer", summary="Inference on tensors (Open Inference Protocol)",
-              openapi_extra={"requestBody": infer_body}, responses=ERRORS)
+    @app.post(
+        "/v2/models/{name}/infer",
+        summary="Inference on tensors (Open Inference Protocol)",
+        openapi_extra={"requestBody": infer_body},
+        responses=ERRORS,
+    )
     async def infer(name: str, request: Request):
         model = check_name(name)
         body = await request.body()
@@ -404,16 +457,22 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
             raise error(400, f"input {INPUT_NAME!r} is UINT8 (raw pixels 0-255); got {tensor.datatype!r}")
         shape = tensor.shape
         if len(shape) != 4 or shape[1:] != [1, height, width] or not 1 <= shape[0] <= MAX_REQUEST_IMAGES:
-            raise error(400, f"input {INPUT_NAME!r} has shape [N, 1, {height}, {width}] with N from 1 to "
-                             f"{MAX_REQUEST_IMAGES}; got {shape}")
+            raise error(
+                400,
+                f"input {INPUT_NAME!r} has shape [N, 1, {height}, {width}] with N from 1 to "
+                f"{MAX_REQUEST_IMAGES}; got {shape}",
+            )
         count = int(np.prod(shape))
         size = tensor.parameters.binary_data_size if tensor.parameters else None
         if size is not None:
             if tensor.data is not None:
                 raise error(400, f"input {INPUT_NAME!r} has both JSON data and binary_data_size")
             if size != count or len(binary) != size:
-                raise error(400, f"input {INPUT_NAME!r} of shape {shape} takes {count} bytes of binary data; "
-                                 f"binary_data_size says {size}, and {len(binary)} follow the JSON")
+                raise error(
+                    400,
+                    f"input {INPUT_NAME!r} of shape {shape} takes {count} bytes of binary data; "
+                    f"binary_data_size says {size}, and {len(binary)} follow the JSON",
+                )
             return np.frombuffer(binary, dtype=np.uint8).reshape(shape)
         if tensor.data is None:
             raise error(400, f"input {INPUT_NAME!r} has no data")
@@ -422,8 +481,11 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
         except ValueError:
             data = np.asarray([], dtype=object)
         if data.dtype.kind not in "iu" or data.size != count:
-            raise error(400, f"input {INPUT_NAME!r} of shape {shape} takes {count} integers; "
-                             f"got {data.size} values of type {data.dtype.name}")
+            raise error(
+                400,
+                f"input {INPUT_NAME!r} of shape {shape} takes {count} integers; "
+                f"got {data.size} values of type {data.dtype.name}",
+            )
         if data.min() < 0 or data.max() > 255:
             raise error(400, f"input {INPUT_NAME!r} holds pixels 0-255; got values from {data.min()} to {data.max()}")
         return data.astype(np.uint8).reshape(shape)
@@ -440,8 +502,12 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
             wanted[output.name] = output.parameters.binary_data if output.parameters else None
         return wanted, binary_default
 
-    def infer_response(infer_request: InferRequest, outputs: dict[str, np.ndarray], wanted: dict[str, bool | None],
-                       binary_default: bool) -> Response:
+    def infer_response(
+        infer_request: InferRequest,
+        outputs: dict[str, np.ndarray],
+        wanted: dict[str, bool | None],
+        binary_default: bool,
+    ) -> Response:
         described, chunks = [], []
         for name, binary in wanted.items():
             values = np.ascontiguousarray(outputs[name], dtype=np.float32)
@@ -458,11 +524,17 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
         text = json.dumps(head).encode()
         if not chunks:
             return Response(text, media_type="application/json")
-        return Response(text + b"".join(chunks), media_type="application/octet-stream",
-                        headers={HEADER_LENGTH: str(len(text))})
+        return Response(
+            text + b"".join(chunks), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))}
+        )
 
-    @app.post("/predict", summary="The class of an image file, prepared as mnist-predict prepares it",
-              response_model=PredictAnswer, response_model_exclude_none=False, responses=ERRORS)
+    @app.post(
+        "/predict",
+        summary="The class of an image file, prepared as mnist-predict prepares it",
+        response_model=PredictAnswer,
+        response_model_exclude_none=False,
+        responses=ERRORS,
+    )
     async def predict_image(file: UploadFile = File(description="an image: PNG, JPEG, BMP, GIF or TIFF")):
         model = classifier()
         data = await file.read()
@@ -497,13 +569,22 @@ def main(argv: list[str] | None = None) -> None:
         description="Serve the exported ONNX model over HTTP: the Open Inference Protocol (KServe v2) under /v2, "
         "POST /predict for image files, a draw-a-digit page at /, Prometheus metrics at /metrics, docs at /docs.",
     )
-    parser.add_argument("--model", help="an exported ONNX model (default: models/model.onnx here, else in the "
-                        "checkout the command was installed from)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument(
+        "--model",
+        help="an exported ONNX model (default: models/model.onnx here, else in the "
+        "checkout the command was installed from)",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--max-batch", type=int, default=64, help="most images in one onnxruntime call (default: 64)")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0,
-                        help="longest wait for more requests to batch with the first, in ms (default: 2)")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="longest wait for more requests to batch with the first, in ms (default: 2)",
+    )
     args = parser.parse_args(argv)
     if args.max_batch < 1 or not 0 <= args.max_wait_ms <= 100:
         print("error: --max-batch must be 1 or more and --max-wait-ms from 0 to 100", file=sys.stderr)

@@ -5,8 +5,8 @@ pixels or on a frozen backbone's features), one epoch, and the evaluation on the
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,9 @@ def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).long().to(device)
 
 
-def build_for_training(model_params: ModelParams, meta: dict, weights: Path | None, device: torch.device) -> tuple[PixelClassifier, dict]:
+def build_for_training(
+    model_params: ModelParams, meta: dict, weights: Path | None, device: torch.device
+) -> tuple[PixelClassifier, dict]:
     """A new model for the prepared data's image size and classes, on the device in channels-last layout, its
     initial weights drawn from torch's global generator, then the pretrained ones from `weights` if given."""
     architecture = architecture_for(model_params, meta["image_size"][0], len(meta["class_names"]))
@@ -50,7 +52,9 @@ def build_for_training(model_params: ModelParams, meta: dict, weights: Path | No
     return model.to(device, memory_format=torch.channels_last), architecture
 
 
-def make_optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: TrainParams, model: torch.nn.Module, device: torch.device, capturable: bool = False
+) -> torch.optim.Optimizer:
     """The optimiser of the parameters that train: a frozen backbone's are not among them. A capturable one (Adam
     and AdamW only) keeps its step count and learning rate in GPU tensors, which a CUDA graph reads at each replay
     and the schedule changes in place."""
@@ -77,8 +81,10 @@ def make_schedule(params: TrainParams, optimizer: torch.optim.Optimizer, total_s
         if warmup <= 1:  # torch's OneCycleLR divides by warmup - 1, and rises backwards below it
             raise PipelineError(
                 f"train.lr_schedule = onecycle needs more than 1 step of warm-up: train.warmup_fraction = "
-                f"{params.warmup_fraction} of {total_steps} steps ({params.epochs} epochs of batch {params.batch_size}) gives "
-                f"{warmup:g}; train on more images or epochs, or a smaller batch, or another train.lr_schedule")
+                f"{params.warmup_fraction} of {total_steps} steps ({params.epochs} epochs of batch "
+                f"{params.batch_size}) gives "
+                f"{warmup:g}; train on more images or epochs, or a smaller batch, or another train.lr_schedule"
+            )
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=params.warmup_fraction, cycle_momentum=False
         )
@@ -111,7 +117,9 @@ class Run:
     worker: Worker
     graph_blocker: str  # why the steps are not captured as CUDA graphs ("" where they can be)
     layout: torch.memory_format = torch.channels_last  # of the inputs the steps feed
-    step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # one training step, as prepare_steps sets it
+    step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = (
+        None  # one training step, as prepare_steps sets it
+    )
 
     @property
     def device(self) -> torch.device:
@@ -141,11 +149,14 @@ class Run:
         threads = torch.get_num_threads()
         threads = f"{threads} CPU thread{'s' * (threads != 1)}"
         threads = f"{self.worker.world_size} processes of {threads} each" if self.worker.distributed else threads
-        return (f"training on {self.device} ({threads}): {len(self.train_labels)} images, {parameters} parameters"
-                + (f", {trainable} of them trained" if self.backbone else ""))
+        return f"training on {self.device} ({threads}): {len(self.train_labels)} images, {parameters} parameters" + (
+            f", {trainable} of them trained" if self.backbone else ""
+        )
 
 
-def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, batch_images: int, worker: Worker) -> torch.Tensor:
+def batch_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, batch_images: int, worker: Worker
+) -> torch.Tensor:
     """The mean cross-entropy of a batch. A worker has only its share of the global batch: its loss is weighted so
     that DDP's average of the workers' gradients is the gradient of the global batch's mean, however it split."""
     if not worker.distributed:
@@ -177,7 +188,9 @@ class EpochTotals:
             torch.cuda.synchronize(self.worker.device)
         if not self.worker.distributed:
             return self.loss.item() / self.images, self.correct.item() / self.images
-        loss, correct, images = self.worker.sum(torch.stack([self.loss, self.correct.double(), self.loss.new_tensor(self.images)])).tolist()
+        loss, correct, images = self.worker.sum(
+            torch.stack([self.loss, self.correct.double(), self.loss.new_tensor(self.images)])
+        ).tolist()
         return loss / images, correct / images
 
 
@@ -208,13 +221,32 @@ def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
     autocast, scaler = autocast_for(device, params.train.mixed_precision)
     step_model = worker.wrap(trained)
     step_model = torch.compile(step_model) if params.train.compile else step_model
-    return Run(model=model, architecture=architecture, trained=trained, step_model=step_model, backbone=backbone,
-               optimizer=optimizer, schedule=schedule, autocast=autocast, scaler=scaler, generator=generator,
-               train_inputs=train_pixels, train_labels=train_labels, val_inputs=val_pixels, val_labels=val_labels,
-               steps_per_epoch=steps_per_epoch, weights=weights, cache_features=cached, worker=worker, graph_blocker=blocker)
+    return Run(
+        model=model,
+        architecture=architecture,
+        trained=trained,
+        step_model=step_model,
+        backbone=backbone,
+        optimizer=optimizer,
+        schedule=schedule,
+        autocast=autocast,
+        scaler=scaler,
+        generator=generator,
+        train_inputs=train_pixels,
+        train_labels=train_labels,
+        val_inputs=val_pixels,
+        val_labels=val_labels,
+        steps_per_epoch=steps_per_epoch,
+        weights=weights,
+        cache_features=cached,
+        worker=worker,
+        graph_blocker=blocker,
+    )
 
 
-def training_step(run: Run, params: TrainParams, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_step(
+    run: Run, params: TrainParams, batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step on the given rows of the training set: its loss, logits and labels (this worker's)."""
     mine = run.worker.share(batch)  # all of it, for one process
     inputs, labels = augment(run.train_inputs[mine], params, run.generator), run.train_labels[mine]
@@ -262,8 +294,10 @@ def prepare_steps(run: Run, params: TrainParams) -> None:
             print(f"CUDA graphs: off ({run.graph_blocker}); the steps run eagerly")
         return
     run.step = CapturedSteps(eager, sizes, run.model, run.optimizer)
-    print(f"CUDA graphs: each step replays one graph, captured in {run.step.seconds:.2f}s for batch sizes "
-          f"{', '.join(map(str, sorted(sizes)))}")
+    print(
+        f"CUDA graphs: each step replays one graph, captured in {run.step.seconds:.2f}s for batch sizes "
+        f"{', '.join(map(str, sorted(sizes)))}"
+    )
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:
@@ -283,7 +317,11 @@ def compile_now(step: Callable[[torch.Tensor], tuple], run: Run, batch_sizes: se
     """Seconds to compile the step for each batch size: torch.compile compiles at a step's first call, which would
     otherwise land in the first epoch's time. The trial steps are undone, loss scale and random draws included."""
     started = time.perf_counter()
-    saved, scale, rng = TrainingState(run.model, run.optimizer), run.scaler.state_dict(), rng_states(run.generator, run.device)
+    saved, scale, rng = (
+        TrainingState(run.model, run.optimizer),
+        run.scaler.state_dict(),
+        rng_states(run.generator, run.device),
+    )
     for size in sorted(batch_sizes):
         step(torch.arange(size, device=run.device))
     saved.restore()
@@ -314,7 +352,9 @@ def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
         labels = labels.cpu()
         return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
     logits, labels = predict_logits(model, worker.share(pixels), EVAL_BATCH), worker.share(labels).cpu()
-    totals = torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), (logits.argmax(1) == labels).sum().double()])
+    totals = torch.stack(
+        [F.cross_entropy(logits, labels, reduction="sum").double(), (logits.argmax(1) == labels).sum().double()]
+    )
     loss, correct = worker.sum(totals.to(worker.device)).tolist()
     return loss / len(pixels), correct / len(pixels)
 
@@ -325,7 +365,12 @@ def frozen_features(run: Run, pixels: torch.Tensor, split: str) -> torch.Tensor:
     share, and all of them get every share."""
     features = []
     mine = run.worker.share(pixels)
-    for start in tqdm(range(0, len(mine), EVAL_BATCH), desc=f"{split} features", disable=None if run.worker.writes else True, leave=False):
+    for start in tqdm(
+        range(0, len(mine), EVAL_BATCH),
+        desc=f"{split} features",
+        disable=None if run.worker.writes else True,
+        leave=False,
+    ):
         with run.autocast:
             batch = mine[start : start + EVAL_BATCH].contiguous(memory_format=torch.channels_last)
             features.append(run.backbone(run.model.prepare(batch)).float())
@@ -342,11 +387,15 @@ def compute_frozen_features(run: Run) -> None:
     run.train_inputs = frozen_features(run, run.train_inputs, "train")
     run.val_inputs = frozen_features(run, run.val_inputs, "val")
     run.layout = torch.contiguous_format
-    print(f"frozen backbone: features of {len(run.train_inputs) + len(run.val_inputs)} images computed once, "
-          f"in {time.perf_counter() - started:.1f}s")
+    print(
+        f"frozen backbone: features of {len(run.train_inputs) + len(run.val_inputs)} images computed once, "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
 
 
 def epoch_line(result: dict, epochs: int) -> str:
-    return (f"epoch {result['epoch']}/{epochs}: "
-            f"train loss {result['train/loss']:.4f} acc {result['train/accuracy']:.4f} | "
-            f"val loss {result['val/loss']:.4f} acc {result['val/accuracy']:.4f} | {result['seconds']:.1f}s")
+    return (
+        f"epoch {result['epoch']}/{epochs}: "
+        f"train loss {result['train/loss']:.4f} acc {result['train/accuracy']:.4f} | "
+        f"val loss {result['val/loss']:.4f} acc {result['val/accuracy']:.4f} | {result['seconds']:.1f}s"
+    )

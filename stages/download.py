@@ -22,7 +22,13 @@ def main() -> None:
             print(f"{name}: already present and verified")
             continue
         url = download_file(
-            name, expected, mirrors, params.timeout, params.retries, max_bytes=max_bytes, deadline=params.deadline,
+            name,
+            expected,
+            mirrors,
+            params.timeout,
+            params.retries,
+            max_bytes=max_bytes,
+            deadline=params.deadline,
             output_dir=OUTPUT_DIR,
         )
         print(f"{name}: verified, from {url}")

@@ -9,9 +9,9 @@ DVC then still has an output to track, and a stale weights file never lingers.
 from mnist_pipeline.download import MEGABYTE, already_verified, bounded_file_sha256, download_file, mirrors_to_try
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_path, remove_stale_temp_files
+from mnist_pipeline.params import load_params
 from mnist_pipeline.pretrained import PRETRAINED_DIR as OUTPUT_DIR
 from mnist_pipeline.pretrained import weights_file
-from mnist_pipeline.params import load_params
 
 NONE_NOTE = OUTPUT_DIR / "none.txt"
 
@@ -24,7 +24,10 @@ def main() -> None:
     max_bytes = params.download.max_megabytes * MEGABYTE
     if target is None:
         with atomic_path(NONE_NOTE) as temp:
-            temp.write_text("this run needs no pretrained weights (model.arch is not resnet18, or model.resnet18.pretrained is none)\n")
+            temp.write_text(
+                "this run needs no pretrained weights (model.arch is not resnet18, or model.resnet18.pretrained is "
+                "none)\n"
+            )
         message = "no pretrained weights needed (model.arch: cnn, or model.resnet18.pretrained: none)"
     elif already_verified(target, params.weights.sha256, max_bytes, bounded_file_sha256):
         message = f"{target.name}: already present and verified"

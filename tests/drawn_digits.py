@@ -29,8 +29,10 @@ def as_drawn(strokes, rng: np.random.Generator):
     centre = points.mean(0)
     angle = np.radians(rng.uniform(-12, 12))
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return [[tuple(np.clip((np.array(p) - centre) @ rotation.T + centre + rng.uniform(-4, 4, 2), 2, 278)) for p in s]
-            for s in strokes]
+    return [
+        [tuple(np.clip((np.array(p) - centre) @ rotation.T + centre + rng.uniform(-4, 4, 2), 2, 278)) for p in s]
+        for s in strokes
+    ]
 
 
 def traced(digit: np.ndarray, rng: np.random.Generator) -> list[list[tuple[float, float]]]:
@@ -42,7 +44,7 @@ def traced(digit: np.ndarray, rng: np.random.Generator) -> list[list[tuple[float
     for row in range(28):
         ink = np.concatenate([[False], digit[row] > 127, [False]])
         edges = np.flatnonzero(np.diff(ink.astype(int)))
-        for start, end in zip(edges[::2], edges[1::2]):
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
             y = top + (row + 0.5) * scale
             strokes.append([(left + (start + 0.5) * scale, y), (left + (end - 0.5) * scale + 0.01, y)])
     return strokes
@@ -74,7 +76,9 @@ def main() -> None:
                         wrong.append(f"{digit} {place} read as {shown}")
                     page.click("#clear")
         if total:
-            print(f"{right}/{total} drawn digits read right ({right / total:.1%}); misread: {', '.join(wrong) or 'none'}")
+            print(
+                f"{right}/{total} drawn digits read right ({right / total:.1%}); misread: {', '.join(wrong) or 'none'}"
+            )
         if args.mnist:
             from mnist_pipeline.prepared import load_split
 
@@ -87,8 +91,10 @@ def main() -> None:
                 if shown != str(labels[index]):
                     wrong.append(f"test image {index} ({labels[index]}) read as {shown}")
                 page.click("#clear")
-            print(f"{right}/{args.mnist} MNIST test digits traced on the page read right ({right / args.mnist:.1%}); "
-                  f"misread: {', '.join(wrong) or 'none'}")
+            print(
+                f"{right}/{args.mnist} MNIST test digits traced on the page read right ({right / args.mnist:.1%}); "
+                f"misread: {', '.join(wrong) or 'none'}"
+            )
         if args.screenshot:
             draw_with_mouse(page, as_drawn(on_canvas(2, "centred"), rng))
             settled(page)

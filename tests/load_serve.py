@@ -43,8 +43,12 @@ async def load(url: str, concurrency: int, seconds: float) -> dict:
     import aiohttp
 
     pixels = np.random.default_rng(1).integers(0, 256, size=784).tolist()
-    body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": pixels}],
-                       "outputs": [{"name": "probabilities"}]})
+    body = json.dumps(
+        {
+            "inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": pixels}],
+            "outputs": [{"name": "probabilities"}],
+        }
+    )
     latencies, errors = [], 0
     deadline = time.perf_counter() + seconds
 
@@ -52,8 +56,9 @@ async def load(url: str, concurrency: int, seconds: float) -> dict:
         nonlocal errors
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            async with session.post(f"{url}/v2/models/mnist/infer", data=body,
-                                    headers={"Content-Type": "application/json"}) as response:
+            async with session.post(
+                f"{url}/v2/models/mnist/infer", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
                 await response.read()
                 if response.status != 200:
                     errors += 1
@@ -68,8 +73,13 @@ async def load(url: str, concurrency: int, seconds: float) -> dict:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     milliseconds = np.array(latencies) * 1000
-    return {"rate": len(latencies) / elapsed, "p50": np.percentile(milliseconds, 50),
-            "p99": np.percentile(milliseconds, 99), "errors": errors, "requests": len(latencies)}
+    return {
+        "rate": len(latencies) / elapsed,
+        "p50": np.percentile(milliseconds, 50),
+        "p99": np.percentile(milliseconds, 99),
+        "errors": errors,
+        "requests": len(latencies),
+    }
 
 
 def main() -> None:
@@ -82,16 +92,23 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", default="2")
     args = parser.parse_args()
     print(f"CPU: {this_cpu().describe()}")
-    single, batched = onnxruntime_rate(args.model, 1, args.seconds / 2), onnxruntime_rate(args.model, 64, args.seconds / 2)
-    print(f"onnxruntime alone: {single:,.0f} images/s one a call; {batched:,.0f} images/s 64 a call "
-          f"({batched / single:.1f}x)")
+    single, batched = (
+        onnxruntime_rate(args.model, 1, args.seconds / 2),
+        onnxruntime_rate(args.model, 64, args.seconds / 2),
+    )
+    print(
+        f"onnxruntime alone: {single:,.0f} images/s one a call; {batched:,.0f} images/s 64 a call "
+        f"({batched / single:.1f}x)"
+    )
     for setting, options in (("batching", ["--max-wait-ms", args.max_wait_ms]), ("no batching", ["--max-batch", "1"])):
         with mnist_serve("--model", args.model, *options) as (url, _):
             for concurrency in args.concurrency:
                 result = asyncio.run(load(url, concurrency, args.seconds))
-                print(f"mnist-serve, {setting:11s}, concurrency {concurrency:3d}: {result['rate']:7,.0f} requests/s, "
-                      f"p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, {result['errors']} errors in "
-                      f"{result['requests']:,} requests")
+                print(
+                    f"mnist-serve, {setting:11s}, concurrency {concurrency:3d}: {result['rate']:7,.0f} requests/s, "
+                    f"p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, {result['errors']} errors in "
+                    f"{result['requests']:,} requests"
+                )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Photo-like digits made from MNIST's test set, and the model's accuracy on each kind after mnist-predict's preparation.
+"""Photo-like digits made from MNIST's test set, and the model's accuracy on each kind after mnist-predict's
+preparation.
 
 Each test digit is enlarged, printed as dark ink on paper at a random place, then photographed badly: under a
 brightness gradient, with a shadow over a corner, blurred, noisy, or JPEG-compressed. The preparation must undo all
@@ -41,7 +42,11 @@ def photo(digit: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
         edge = rng.uniform(0.5, 0.8)
         page *= 1 - 0.55 * np.clip((edge - distance) / 0.08, 0, 1)
     elif kind == "blur":
-        page = np.asarray(Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5))))
+        page = np.asarray(
+            Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).filter(
+                ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5))
+            )
+        )
     elif kind == "noise":
         page = page + rng.normal(0, 12, page.shape)
     image = np.clip(np.round(page), 0, 255).astype(np.uint8)
@@ -59,7 +64,9 @@ def write_examples(folder: Path, images: np.ndarray, labels: np.ndarray) -> None
     rng = np.random.default_rng(0)
 
     def enlarged(digit: np.ndarray, side: int) -> np.ndarray:
-        return np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+        return (
+            np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+        )
 
     page = np.full((300, 400), 245.0)  # a 7 in dark ink on a white page, off-centre
     page[150:270, 240:360] -= enlarged(first[7], 120) * 220
@@ -94,8 +101,10 @@ def main() -> None:
     mnist = (classifier.probabilities(images[:, None]).argmax(1) == labels).mean()
     restyled = np.stack([mnist_style(image, classifier.image_size) for image in images])
     ceiling = (classifier.probabilities(restyled[:, None]).argmax(1) == labels).mean()
-    print(f"{len(images)} MNIST test digits per kind; as MNIST has them: accuracy {mnist:.4f}; "
-          f"the same 28x28 images prepared again by mnist_style: {ceiling:.4f}")
+    print(
+        f"{len(images)} MNIST test digits per kind; as MNIST has them: accuracy {mnist:.4f}; "
+        f"the same 28x28 images prepared again by mnist_style: {ceiling:.4f}"
+    )
     for kind in KINDS:
         rng = np.random.default_rng(args.seed)
         prepared, blank = [], 0

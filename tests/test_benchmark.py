@@ -6,12 +6,12 @@ import benchmark
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import TINY_PARAMS, update_params, write_synthetic_mnist
-from stages import export, preprocess, train
+
 from mnist_pipeline.cpu import Cpu
 from mnist_pipeline.model import CNN
 from mnist_pipeline.params import load_params
+from stages import export, preprocess, train
 
 
 @pytest.fixture
@@ -45,13 +45,23 @@ def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(
     output = capsys.readouterr().out
     assert float(summary["ort_speedup"]) > 0 and float(summary["int8_speedup"]) > 0
     for batch in [1000, 1]:
-        for name in ["PyTorch eager, as loaded", "PyTorch eager, channels-last", "onnxruntime fp32", "onnxruntime int8"]:
+        for name in [
+            "PyTorch eager, as loaded",
+            "PyTorch eager, channels-last",
+            "onnxruntime fp32",
+            "onnxruntime int8",
+        ]:
             assert f"batch {batch}: {name}" in output
     assert "x channels-last eager" in output and "x fp32" in output and "ms per image" in output
 
 
-@pytest.mark.parametrize("machine, precision", [(Cpu("AVX2", frozenset({"avx2"})), "fp32"),
-                                                (Cpu("AVX-512", frozenset({"avx2", "avx512f", "avx512_bf16"})), "bf16")])
+@pytest.mark.parametrize(
+    "machine, precision",
+    [
+        (Cpu("AVX2", frozenset({"avx2"})), "fp32"),
+        (Cpu("AVX-512", frozenset({"avx2", "avx512f", "avx512_bf16"})), "bf16"),
+    ],
+)
 def test_the_fast_recipe_trains_in_bf16_only_where_the_cpu_has_it(monkeypatch, machine, precision):
     monkeypatch.setattr(benchmark, "this_cpu", lambda: machine)
     assert benchmark.fastest_precision(torch.device("cpu"))[0] == precision
@@ -76,7 +86,9 @@ def test_the_all_reduce_timer_marks_each_bucket_from_its_start_to_the_end_of_its
     try:
         clock = RecordingClock()
         timer = benchmark.AllReduceTimer(clock)
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2)))
+        model = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+        )
         model.register_comm_hook(None, timer.hook)
         model(torch.randn(8, 64)).sum().backward()
         totals = timer.take()
@@ -84,5 +96,9 @@ def test_the_all_reduce_timer_marks_each_bucket_from_its_start_to_the_end_of_its
         dist.destroy_process_group()
     assert totals["calls"] >= 1 and len(clock.marks) == 2 * totals["calls"]
     assert totals["bytes"] == 4 * (64 * 64 + 64 + 64 * 2 + 2)
-    assert 0 < totals["seconds"] == pytest.approx(sum(end - start for start, end in zip(clock.marks[::2], clock.marks[1::2])))
+    assert (
+        0
+        < totals["seconds"]
+        == pytest.approx(sum(end - start for start, end in zip(clock.marks[::2], clock.marks[1::2], strict=True)))
+    )
     assert timer.take() == {"seconds": 0, "calls": 0, "bytes": 0}

@@ -34,12 +34,18 @@ NATIVE_BF16 = Cpu("an AVX-512 server", frozenset({"avx2", "avx512f", "avx512_vnn
 def test_an_avx2_only_cpu_has_no_native_bf16():
     found = parse_cpuinfo(EPYC_MILAN)
     assert found == Cpu("AMD EPYC 7B13 (family 25 model 1)", frozenset({"avx2"})) and not found.native_bf16
-    assert found.describe() == "AMD EPYC 7B13 (family 25 model 1), avx2; no avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
+    assert (
+        found.describe()
+        == "AMD EPYC 7B13 (family 25 model 1), avx2; no avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
+    )
 
 
 def test_avx512_bf16_or_amx_make_bf16_native():
     found = parse_cpuinfo(f"model name\t: Intel Xeon\nflags\t\t: {SAPPHIRE_RAPIDS_FLAGS}\n")
-    assert found.native_bf16 and found.describe() == "Intel Xeon, avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
+    assert (
+        found.native_bf16
+        and found.describe() == "Intel Xeon, avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8"
+    )
     assert parse_cpuinfo("flags\t: avx2 amx_bf16\n").native_bf16 and NATIVE_BF16.native_bf16
 
 
@@ -52,14 +58,24 @@ def test_where_cpuid_denies_what_cpuinfo_claims_the_cpu_is_emulated_and_the_host
     assert not haswell.native_bf16, "bf16 is not native on the CPU the program runs on"
 
 
-@pytest.mark.skipif(shutil.which("qemu-x86_64") is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
-                    reason="no qemu-x86_64 (Debian's qemu-user) to emulate another CPU")
+@pytest.mark.skipif(
+    shutil.which("qemu-x86_64") is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
+    reason="no qemu-x86_64 (Debian's qemu-user) to emulate another CPU",
+)
 def test_under_qemu_the_emulated_cpu_is_described_not_the_host():
     describe = "from mnist_pipeline.cpu import this_cpu; print(this_cpu().describe())"
-    result = subprocess.run([shutil.which("qemu-x86_64") or "qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", describe],
-                            capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [shutil.which("qemu-x86_64") or "qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", describe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("an emulated CPU (/proc/cpuinfo names the host: ") and ", avx2; no avx512f " in result.stdout
+    assert (
+        result.stdout.startswith("an emulated CPU (/proc/cpuinfo names the host: ")
+        and ", avx2; no avx512f " in result.stdout
+    )
 
 
 def test_without_cpuinfo_nothing_is_assumed_native(monkeypatch, tmp_path):
@@ -73,12 +89,15 @@ def test_without_cpuinfo_nothing_is_assumed_native(monkeypatch, tmp_path):
     assert arm.flags == frozenset() and "none of avx2" in arm.describe()
 
 
-@pytest.mark.parametrize("setting, machine, expected", [
-    ("auto", AVX2_ONLY, None),
-    ("auto", NATIVE_BF16, None),
-    ("never", NATIVE_BF16, None),
-    ("always", NATIVE_BF16, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "setting, machine, expected",
+    [
+        ("auto", AVX2_ONLY, None),
+        ("auto", NATIVE_BF16, None),
+        ("never", NATIVE_BF16, None),
+        ("always", NATIVE_BF16, torch.bfloat16),
+    ],
+)
 def test_auto_trains_in_fp32_on_every_cpu_and_always_in_bf16_silently_where_native(setting, machine, expected, capsys):
     assert autocast_dtype(torch.device("cpu"), setting, machine) == expected
     assert capsys.readouterr().err == ""
@@ -87,7 +106,9 @@ def test_auto_trains_in_fp32_on_every_cpu_and_always_in_bf16_silently_where_nati
 def test_always_on_a_cpu_without_native_bf16_warns_in_one_line(capsys):
     assert autocast_dtype(torch.device("cpu"), "always", AVX2_ONLY) == torch.bfloat16
     warning = capsys.readouterr().err
-    assert warning.startswith("warning: train.mixed_precision = always on a CPU without native bf16 (an AVX2 server, avx2; no ")
+    assert warning.startswith(
+        "warning: train.mixed_precision = always on a CPU without native bf16 (an AVX2 server, avx2; no "
+    )
     assert "emulated" in warning and warning.count("\n") == 1
 
 

@@ -3,13 +3,12 @@ The capture itself needs a GPU: tests/gpu_check.sh trains with and without graph
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from mnist_pipeline import training
 from mnist_pipeline.cuda_graphs import TrainingState
 from mnist_pipeline.distributed import Worker
 from mnist_pipeline.params import load_params
-
-from conftest import REPO_ROOT
 
 
 def test_putting_the_state_back_undoes_the_warm_up_steps():
@@ -55,14 +54,15 @@ def on_a_gpu(monkeypatch):
 def repo_params(cnn: dict | None = None, train: dict | None = None):
     params = load_params(REPO_ROOT / "params.yaml")
     model = params.model.model_copy(update={"cnn": params.model.cnn.model_copy(update=cnn or {})})
-    return params.model_copy(update={"model": model,
-                                     "train": params.train.model_copy(update=train or {})})
+    return params.model_copy(update={"model": model, "train": params.train.model_copy(update=train or {})})
 
 
 def test_the_fast_recipe_is_captured_and_random_draws_are_not(on_a_gpu):
     fast = {"cnn": {"dropout": 0.0}, "train": {"shift_pixels": 0}}
     assert training.graph_blocker(repo_params(**fast), on_a_gpu) == ""
     assert training.graph_blocker(repo_params(), on_a_gpu) == "the step draws random numbers: train's augmentation"
-    assert "model.cnn.dropout" in training.graph_blocker(repo_params(cnn={"dropout": 0.3}, train={"shift_pixels": 0}), on_a_gpu)
+    assert "model.cnn.dropout" in training.graph_blocker(
+        repo_params(cnn={"dropout": 0.3}, train={"shift_pixels": 0}), on_a_gpu
+    )
     assert "sgd" in training.graph_blocker(repo_params(fast["cnn"], {**fast["train"], "optimizer": "sgd"}), on_a_gpu)
     assert training.graph_blocker(repo_params(**fast), Worker(torch.device("cpu"))) == "not on CUDA"

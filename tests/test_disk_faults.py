@@ -13,10 +13,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import (
+    MNIST_FILES,
+    REPO_ROOT,
+    STAGE_ENV,
+    TINY_PARAMS,
+    assert_one_line_error,
+    dataset_files,
+    run_stage_cli,
+    update_params,
+    write_synthetic_mnist,
+)
 
-from conftest import MNIST_FILES, REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, dataset_files, run_stage_cli, update_params, write_synthetic_mnist
-from stages import download, evaluate, export, preprocess, train
 from mnist_pipeline.errors import PipelineError, run_stage
+from stages import download, evaluate, export, preprocess, train
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +35,10 @@ def finished_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("finished")
     (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     hashes = write_synthetic_mnist(work / "mirror")
-    update_params(work / "params.yaml", {**TINY_PARAMS, "dataset": dataset_files(hashes), "download": {"mirrors": [str(work / "mirror")]}})
+    update_params(
+        work / "params.yaml",
+        {**TINY_PARAMS, "dataset": dataset_files(hashes), "download": {"mirrors": [str(work / "mirror")]}},
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         patch.delenv("MNIST_PIPELINE_MIRRORS", raising=False)
@@ -41,7 +54,9 @@ def work(finished_run, tmp_path) -> Path:
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` and its bytes: a failed stage must change none and add none, temp files included."""
-    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
 
 
 def file_size_limit(limit: int):
@@ -70,7 +85,9 @@ def test_a_full_disk_stops_a_stage_in_one_line_and_keeps_its_last_outputs(work, 
         (work / path).unlink()  # the others are present and verified: only this one is fetched
     before = snapshot(work)
     # No bytecode: Python would write a .pyc cut short at the limit into the repository, and never notice.
-    result = run_stage_cli(stage, work, preexec_fn=file_size_limit(limit), env={**STAGE_ENV, "PYTHONDONTWRITEBYTECODE": "1"})
+    result = run_stage_cli(
+        stage, work, preexec_fn=file_size_limit(limit), env={**STAGE_ENV, "PYTHONDONTWRITEBYTECODE": "1"}
+    )
     assert_one_line_error(result, f"{path}: file too large for the file system or for this process's file size limit; ")
     assert "(ulimit -f)" in result.stderr
     assert snapshot(work) == before, "outputs unchanged, no temp file left"
@@ -99,7 +116,9 @@ def full_disk_at(monkeypatch, owner, name: str, call: int) -> None:
     ],
     ids=["preprocess", "evaluate", "export"],
 )
-def test_no_space_left_names_the_file_and_keeps_every_previous_output(work, monkeypatch, capsys, stage, owner, writer, call, path):
+def test_no_space_left_names_the_file_and_keeps_every_previous_output(
+    work, monkeypatch, capsys, stage, owner, writer, call, path
+):
     monkeypatch.chdir(work)
     before = snapshot(work)
     full_disk_at(monkeypatch, owner, writer, call)
@@ -145,7 +164,9 @@ def test_a_directory_where_an_output_file_should_be_is_one_line_and_no_other_out
     (work / "data/prepared/meta.json").mkdir()
     before = snapshot(work)
     result = run_stage_cli("preprocess", work)
-    assert_one_line_error(result, "data/prepared/meta.json: is a directory where a file should be; move that directory away")
+    assert_one_line_error(
+        result, "data/prepared/meta.json: is a directory where a file should be; move that directory away"
+    )
     assert snapshot(work) == before, "the splits written before meta.json failed replace nothing"
 
 
@@ -170,7 +191,9 @@ def test_train_checks_free_space_for_its_state_before_the_first_epoch(work, monk
     monkeypatch.chdir(work)
     before = snapshot(work)
     monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
-    with pytest.raises(PipelineError, match=r"^models: not enough free space: train needs [\d.]+ MB there, 0\.0 MB are free"):
+    with pytest.raises(
+        PipelineError, match=r"^models: not enough free space: train needs [\d.]+ MB there, 0\.0 MB are free"
+    ):
         train.main()
     assert snapshot(work) == before, "metrics/train keeps the last run's logs"
 
@@ -180,7 +203,7 @@ def test_disk_faults_wrapped_by_a_library_are_one_line_and_other_errors_keep_the
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "models/model.pt")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
 
     with pytest.raises(SystemExit):
         run_stage(torch_save_on_a_full_disk)
@@ -195,4 +218,6 @@ def test_disk_faults_wrapped_by_a_library_are_one_line_and_other_errors_keep_the
 def test_an_unreadable_input_is_a_permission_problem_not_a_corrupt_file(work, path):
     (work / path).chmod(0o200)
     result = run_stage_cli("evaluate", work, preexec_fn=without_root_privileges)
-    assert_one_line_error(result, f"{path}: permission denied; make it and {os.path.dirname(path)} readable and writable for you")
+    assert_one_line_error(
+        result, f"{path}: permission denied; make it and {os.path.dirname(path)} readable and writable for you"
+    )

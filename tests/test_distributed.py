@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    REPO_ROOT,
+    STAGE_ENV,
+    TINY_PARAMS,
+    assert_one_line_error,
+    run_stage_cli,
+    stage_command,
+    update_params,
+    write_synthetic_mnist,
+)
 
-from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, assert_one_line_error, run_stage_cli, stage_command, update_params, write_synthetic_mnist
 from mnist_pipeline import distributed
 from mnist_pipeline.distributed import CrossProcessBatchNorm, Worker, launch, planned_processes
 from mnist_pipeline.errors import PipelineError
@@ -60,7 +69,9 @@ def copy_of(prepared: Path, target: Path, **train) -> Path:
 
 
 def trained(work: Path, *command: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(command) or stage_command("train"), cwd=work, env=env or STAGE_ENV, capture_output=True, text=True)
+    result = subprocess.run(
+        list(command) or stage_command("train"), cwd=work, env=env or STAGE_ENV, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -94,7 +105,9 @@ def assert_same_weights(work: Path, reference: Path) -> None:
     ours, theirs = weights(work), weights(reference)
     assert ours.keys() == theirs.keys()
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], atol=2e-5, rtol=1e-4, msg=lambda text: f"{name}: {text}")
+        torch.testing.assert_close(
+            ours[name], theirs[name], atol=2e-5, rtol=1e-4, msg=lambda text, name=name: f"{name}: {text}"
+        )
 
 
 def test_two_processes_reach_the_weights_of_one_process(two_processes, one_process):
@@ -110,11 +123,27 @@ def test_two_processes_reach_the_weights_of_one_process(two_processes, one_proce
 
 
 def test_two_torchrun_nodes_on_localhost_train_as_one_job(prepared, one_process, tmp_path):
-    """What a 2-node job does, on one machine: each torchrun starts one worker, which joins the job and starts no more."""
+    """What a 2-node job does, on one machine: each torchrun starts a worker, which joins the job and starts no more."""
     work = copy_of(prepared, tmp_path / "nodes", processes=1, threads=1)  # under torchrun, its --nproc-per-node counts
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
-                "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex, "-m", "stages.train"]
-    nodes = [subprocess.Popen(torchrun, cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        uuid.uuid4().hex,
+        "-m",
+        "stages.train",
+    ]
+    nodes = [
+        subprocess.Popen(torchrun, cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [node.communicate(timeout=240) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
     printed = "".join(out for out, _ in outputs)
@@ -139,10 +168,29 @@ def two_hosts() -> list[tuple[str, str, str]]:
                 pytest.skip(f"cannot make a network namespace here: {result.stderr.strip()}")
             made.append(namespace)
         (first, _, first_link), (second, _, second_link) = hosts
-        commands = [[IP, "link", "add", first_link, "netns", first, "type", "veth", "peer", "name", second_link, "netns", second]]
+        commands = [
+            [
+                IP,
+                "link",
+                "add",
+                first_link,
+                "netns",
+                first,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                second_link,
+                "netns",
+                second,
+            ]
+        ]
         for namespace, address, link in hosts:
-            commands += [[IP, "-n", namespace, "addr", "add", f"{address}/24", "dev", link],
-                         [IP, "-n", namespace, "link", "set", link, "up"], [IP, "-n", namespace, "link", "set", "lo", "up"]]
+            commands += [
+                [IP, "-n", namespace, "addr", "add", f"{address}/24", "dev", link],
+                [IP, "-n", namespace, "link", "set", link, "up"],
+                [IP, "-n", namespace, "link", "set", "lo", "up"],
+            ]
         for command in commands:
             subprocess.run(command, check=True, capture_output=True)
         yield hosts
@@ -155,15 +203,49 @@ def test_two_nodes_on_their_own_addresses_train_as_one_process(prepared, one_pro
     """A 2-node job as on two machines: each node in its own network namespace with its own address and its own
     copy of the data, torchrun's rendezvous on the first node's address, gloo on the link between them."""
     (first, rendezvous, _), _ = two_hosts
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"{rendezvous}:29400", "--rdzv-id", uuid.uuid4().hex, "--max-restarts", "0"]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{rendezvous}:29400",
+        "--rdzv-id",
+        uuid.uuid4().hex,
+        "--max-restarts",
+        "0",
+    ]
     nodes = []
     for node, (namespace, address, link) in enumerate(two_hosts):
         work = copy_of(prepared, tmp_path / f"node{node}", processes=1, threads=1)
-        command = [IP, "netns", "exec", namespace, *torchrun, "--local-addr", address,
-                   "--rdzv-conf", f"is_host={node == 0}", "-m", "stages.train"]
-        env = {**STAGE_ENV, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GLOO_SOCKET_IFNAME": link, "MNIST_PIPELINE_RENDEZVOUS_TIMEOUT": "120"}
-        nodes.append((work, subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        command = [
+            IP,
+            "netns",
+            "exec",
+            namespace,
+            *torchrun,
+            "--local-addr",
+            address,
+            "--rdzv-conf",
+            f"is_host={node == 0}",
+            "-m",
+            "stages.train",
+        ]
+        env = {
+            **STAGE_ENV,
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "GLOO_SOCKET_IFNAME": link,
+            "MNIST_PIPELINE_RENDEZVOUS_TIMEOUT": "120",
+        }
+        nodes.append(
+            (
+                work,
+                subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            )
+        )
     outputs = [process.communicate(timeout=300) for _, process in nodes]
     assert [process.returncode for _, process in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
     printed = "".join(out for out, _ in outputs)
@@ -191,7 +273,9 @@ def share_and_reduce(params, worker: Worker) -> None:
         "first": worker.from_first(torch.tensor([worker.rank + 5.0])),
         "object": worker.object_from_first({"rank": worker.rank}),
         "objects": worker.gather_objects(worker.rank * 2),
-        "normalised": normalised.detach(), "pixel_grad": pixels.grad, "weight_grad": norm.weight.grad,
+        "normalised": normalised.detach(),
+        "pixel_grad": pixels.grad,
+        "weight_grad": norm.weight.grad,
         "running": (norm.running_mean, norm.running_var),
     }
     torch.save(results, f"worker{worker.rank}.pt")
@@ -219,7 +303,9 @@ def test_the_workers_share_rows_sums_and_batch_norm_statistics(prepared, tmp_pat
     (normalised * weights_of_outputs).sum().backward()
     torch.testing.assert_close(torch.cat([first["normalised"], second["normalised"]]), normalised.detach())
     torch.testing.assert_close(torch.cat([first["pixel_grad"], second["pixel_grad"]]), pixels.grad)
-    torch.testing.assert_close(first["weight_grad"] + second["weight_grad"], norm.weight.grad)  # DDP sums (averages) these
+    torch.testing.assert_close(
+        first["weight_grad"] + second["weight_grad"], norm.weight.grad
+    )  # DDP sums (averages) these
     for running in (first["running"], second["running"]):
         torch.testing.assert_close(running, (norm.running_mean, norm.running_var))
 
@@ -228,7 +314,9 @@ def test_a_worker_killed_mid_run_is_one_line_and_a_rerun_resumes_to_the_same_byt
     uninterrupted, _ = two_processes
     work = copy_of(prepared, tmp_path / "killed", processes=2)
     state = work / "models/train_state.pt"
-    stage = subprocess.Popen(stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = subprocess.Popen(
+        stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not state.exists() and stage.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -245,7 +333,11 @@ def test_a_worker_killed_mid_run_is_one_line_and_a_rerun_resumes_to_the_same_byt
 
     resumed = trained(work)
     assert f"epochs 1-{epochs_done} of {EQUIVALENT['train']['epochs']} already done" in resumed.stdout
-    for path in ["models/model.pt", "metrics/train.json", *[str(p.relative_to(uninterrupted)) for p in (uninterrupted / "metrics/train").rglob("*.*")]]:
+    for path in [
+        "models/model.pt",
+        "metrics/train.json",
+        *[str(p.relative_to(uninterrupted)) for p in (uninterrupted / "metrics/train").rglob("*.*")],
+    ]:
         assert (work / path).read_bytes() == (uninterrupted / path).read_bytes(), path
     assert not state.exists()
 
@@ -263,8 +355,14 @@ def test_killing_the_launcher_kills_its_workers(prepared, tmp_path, sigint):
     """kill -9 of the stage (or the OOM killer) gives its launcher no chance to stop the workers: the kernel does,
     also where the stage runs as a script's background job does, with SIGINT ignored."""
     work = copy_of(prepared, tmp_path / "orphans", processes=2, epochs=50)
-    stage = subprocess.Popen(stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+    stage = subprocess.Popen(
+        stage_command("train"),
+        cwd=work,
+        env=STAGE_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+    )
     deadline = time.monotonic() + 120
     while not (work / "models/train_state.pt").exists() and stage.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -289,7 +387,10 @@ def test_a_worker_that_fails_ends_the_stage_in_one_line_naming_its_rank(prepared
         resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
 
     result = run_stage_cli("train", work, preexec_fn=full_disk, env={**STAGE_ENV, "PYTHONDONTWRITEBYTECODE": "1"})
-    assert_one_line_error(result, "rank 0 of 2: models/train_state.pt: file too large for the file system or for this process's file size limit")
+    assert_one_line_error(
+        result,
+        "rank 0 of 2: models/train_state.pt: file too large for the file system or for this process's file size limit",
+    )
     assert {str(p): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
 
 
@@ -300,21 +401,35 @@ def test_a_split_smaller_than_the_processes_is_one_line_before_any_worker_starts
     run_stage_cli("preprocess", work)
     env = job_environment(free_port()) if joining else STAGE_ENV  # a worker checks before it waits for the others
     result = run_stage_cli("train", work, env=env)
-    assert_one_line_error(result, ("rank 0 of 2: " if joining else "") + "the val split has 1 image, fewer than the 2 training "
-                          "processes, and each needs a share; expected train.processes <= 1, or a larger split (preprocess.val_size)")
+    assert_one_line_error(
+        result,
+        ("rank 0 of 2: " if joining else "") + "the val split has 1 image, fewer than the 2 training "
+        "processes, and each needs a share; expected train.processes <= 1, or a larger split (preprocess.val_size)",
+    )
     assert not (work / "models").exists()
 
 
 def job_environment(port: int, **more: str) -> dict:
     """A worker's environment as a job script that starts rank 0 of 2 by hand gives it."""
-    return {**STAGE_ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **more}
+    return {
+        **STAGE_ENV,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        **more,
+    }
 
 
 def test_a_rendezvous_that_times_out_is_one_line(one_process):
     port = free_port()
     result = run_stage_cli("train", one_process, env=job_environment(port, MNIST_PIPELINE_RENDEZVOUS_TIMEOUT="2"))
-    assert_one_line_error(result, f"rank 0 of 2: could not join the other training processes: the rendezvous at 127.0.0.1:{port} "
-                                  "timed out after 2 s (MNIST_PIPELINE_RENDEZVOUS_TIMEOUT) waiting for 2 processes")
+    assert_one_line_error(
+        result,
+        f"rank 0 of 2: could not join the other training processes: the rendezvous at 127.0.0.1:{port} "
+        "timed out after 2 s (MNIST_PIPELINE_RENDEZVOUS_TIMEOUT) waiting for 2 processes",
+    )
 
 
 @pytest.mark.parametrize("joining", [True, False], ids=["joining a job", "starting workers"])
@@ -340,7 +455,8 @@ def test_bad_values_of_train_processes_are_refused_in_one_line(workdir, value):
     with pytest.raises(PipelineError) as refused:
         load_params()
     assert str(refused.value) == (
-        f"params.yaml: train.processes = {value!r} is not allowed; expected an integer >= 1, or auto (one per visible GPU)"
+        f"params.yaml: train.processes = {value!r} is not allowed; "
+        "expected an integer >= 1, or auto (one per visible GPU)"
     )
 
 
@@ -356,13 +472,17 @@ def test_more_processes_than_gpus_is_an_error_and_than_cores_a_warning(workdir, 
     update_params(workdir / "params.yaml", {"train": {"processes": 3}})
     params = load_params().train
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(PipelineError, match=r"^train.processes = 3 is more than the 2 GPUs PyTorch sees on this machine; "
-                                            r"expected at most 2, or auto \(one process per GPU\)$"):
+    with pytest.raises(
+        PipelineError,
+        match=r"^train.processes = 3 is more than the 2 GPUs PyTorch sees on this machine; "
+        r"expected at most 2, or auto \(one process per GPU\)$",
+    ):
         planned_processes(params, torch.device("cuda"))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert planned_processes(params, torch.device("cpu")) == 3
     assert capsys.readouterr().err == (
-        "warning: train.processes = 3 with 2 CPU cores: the processes take turns on the cores, and training is slower than with 2\n"
+        "warning: train.processes = 3 with 2 CPU cores: the processes take turns on the cores, "
+        "and training is slower than with 2\n"
     )
 
 

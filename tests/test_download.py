@@ -9,12 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    MNIST_FILES,
+    QuietHandler,
+    dataset_files,
+    run_stage_cli,
+    serving,
+    update_params,
+    write_synthetic_mnist,
+)
 
-from conftest import MNIST_FILES, QuietHandler, dataset_files, run_stage_cli, serving, update_params, write_synthetic_mnist
 from mnist_pipeline import download
-from stages import download as download_stage
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import Params, load_params
+from stages import download as download_stage
 
 NAME = MNIST_FILES[1]
 # download.max_megabytes and download.deadline in these tests: synthetic files are a few hundred kB at most.
@@ -97,7 +105,13 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
 def _params_with(hashes, mirror_urls=("http://127.0.0.1:9/",)):
     """params.yaml with the download section pointed at test mirrors and synthetic hashes."""
     params = load_params().model_dump()
-    params["download"] = {"mirrors": list(mirror_urls), "timeout": 1, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}
+    params["download"] = {
+        "mirrors": list(mirror_urls),
+        "timeout": 1,
+        "retries": 0,
+        "deadline": DEADLINE,
+        "max_megabytes": MAX_MEGABYTES,
+    }
     params["dataset"].update(dataset_files(hashes))
     return Params.model_validate(params)  # validated, like every params the stages get
 
@@ -209,7 +223,7 @@ def unused_port() -> int:
 
 @pytest.fixture
 def faulty(tmp_path, workdir):
-    """A server with one good mirror and one per fault; yields ({fault or 'good': base URL}, hashes, requested paths)."""
+    """A server with one good mirror and one per fault; yields ({fault or 'good': base URL}, hashes, paths asked)."""
     root = tmp_path / "faulty"
     hashes = write_synthetic_mnist(root / "good")
     handler = type("Handler", (FaultyHandler,), {"requested": []})
@@ -239,7 +253,10 @@ def test_each_mirror_fault_is_detected_named_and_retried_only_if_transient(fault
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fault):
     urls, hashes, _ = faulty
-    assert download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS) == urls["good"] + NAME
+    assert (
+        download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS)
+        == urls["good"] + NAME
+    )
     assert files_in(download_stage.OUTPUT_DIR) == [NAME]
     assert download.content_sha256(download_stage.OUTPUT_DIR / NAME) == hashes[NAME]
 
@@ -247,7 +264,19 @@ def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fau
 def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty):
     urls, hashes, _ = faulty
     mirrors = [urls[fault] for fault in FAULTS]
-    update_params(Path("params.yaml"), {"dataset": dataset_files(hashes), "download": {"mirrors": mirrors, "timeout": TIMEOUT, "retries": 0, "deadline": DEADLINE, "max_megabytes": MAX_MEGABYTES}})
+    update_params(
+        Path("params.yaml"),
+        {
+            "dataset": dataset_files(hashes),
+            "download": {
+                "mirrors": mirrors,
+                "timeout": TIMEOUT,
+                "retries": 0,
+                "deadline": DEADLINE,
+                "max_megabytes": MAX_MEGABYTES,
+            },
+        },
+    )
     download_stage.OUTPUT_DIR.mkdir(parents=True)
     (download_stage.OUTPUT_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
     result = run_stage_cli("download")
@@ -267,14 +296,19 @@ def test_malformed_mirror_url_from_the_environment_is_a_clear_failure(workdir):
 def test_an_endless_or_trickling_mirror_fails_over_within_the_deadline(faulty, fault):
     urls, hashes, _ = faulty
     started = time.monotonic()
-    assert download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS) == urls["good"] + NAME
-    # The trickle would take hours; the deadline ends it, overrun by at most one read timeout, plus slack for a busy CPU.
+    assert (
+        download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS)
+        == urls["good"] + NAME
+    )
+    # The trickle would take hours; the deadline ends it, overrun by at most one read timeout, plus slack for busy CPUs.
     assert time.monotonic() - started < DEADLINE + TIMEOUT + 3
 
 
 def test_a_disk_that_cannot_hold_the_announced_size_stops_the_stage_instead_of_failing_over(faulty, monkeypatch):
     urls, hashes, requested = faulty
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(PipelineError, match=r"^data/raw: not enough free space: the download needs [\d.]+ MB there, 0.0 MB are free"):
+    with pytest.raises(
+        PipelineError, match=r"^data/raw: not enough free space: the download needs [\d.]+ MB there, 0.0 MB are free"
+    ):
         download.download_file(NAME, hashes[NAME], [urls["good"], urls["good"]], TIMEOUT, 1, **LIMITS)
     assert len(requested) == 1 and files_in(download_stage.OUTPUT_DIR) == []

@@ -35,7 +35,10 @@ def test_uncompressed_file_is_read_too(tmp_path):
         (bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 28, 28) + bytes(1000), "truncated: shape (2, 28, 28) needs 1568"),
         (bytes([0, 0, 8, 1]) + struct.pack(">I", 2) + bytes(5), "3 bytes after the data"),
         # dimensions whose product overflows 64 bits must still be counted exactly
-        (bytes([0, 0, 8, 3]) + struct.pack(">3I", *[2**32 - 1] * 3) + bytes(3), f"needs {(2**32 - 1) ** 3} bytes of data, found 3"),
+        (
+            bytes([0, 0, 8, 3]) + struct.pack(">3I", *[2**32 - 1] * 3) + bytes(3),
+            f"needs {(2**32 - 1) ** 3} bytes of data, found 3",
+        ),
     ],
 )
 def test_malformed_content_is_rejected_with_its_reason(data, message):

@@ -11,7 +11,6 @@ import numpy as np
 import onnxruntime
 import pytest
 import yaml
-
 from conftest import write_linear_model
 
 
@@ -32,8 +31,21 @@ def test_the_repository_and_manifest_are_what_triton_and_kserve_take(tmp_path):
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     model = write_linear_model(tmp_path / "letters.onnx", np.random.default_rng(0).normal(size=(784, 26)), letters)
     out = tmp_path / "kserve"
-    result = subprocess.run([sys.executable, "-m", "mnist_pipeline.kserve", "--out", str(out), "--model", str(model),
-                             "--storage-uri", "gs://bucket/mnist"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_pipeline.kserve",
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--storage-uri",
+            "gs://bucket/mnist",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     repository = out / "model-repository" / "mnist"
     assert (repository / "1" / "model.onnx").read_bytes() == model.read_bytes()
@@ -66,7 +78,10 @@ def test_bad_input_writes_nothing_and_is_one_line(tmp_path, case):
         write_linear_model(model, np.zeros((784, 10)), [str(d) for d in range(10)])
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "mnist_pipeline.kserve", "--out", str(out), "--model", str(model)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.kserve", "--out", str(out), "--model", str(model)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["keep.txt"]

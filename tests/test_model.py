@@ -14,7 +14,15 @@ from mnist_pipeline.model import CNN, PixelClassifier, conv_output_size, normali
 
 @pytest.mark.parametrize(
     "size, kernel, stride, padding, dilation",
-    [(28, 3, 1, 1, 1), (28, 3, 1, 0, 1), (28, 5, 2, 2, 1), (27, 3, 2, 0, 1), (28, 3, 1, 2, 2), (28, 2, 2, 0, 1), (7, 2, 2, 0, 1)],
+    [
+        (28, 3, 1, 1, 1),
+        (28, 3, 1, 0, 1),
+        (28, 5, 2, 2, 1),
+        (27, 3, 2, 0, 1),
+        (28, 3, 1, 2, 2),
+        (28, 2, 2, 0, 1),
+        (7, 2, 2, 0, 1),
+    ],
 )
 def test_conv_output_size_matches_pytorch(size, kernel, stride, padding, dilation):
     conv = nn.Conv2d(1, 1, kernel, stride=stride, padding=padding, dilation=dilation)
@@ -33,7 +41,7 @@ def test_default_is_the_classic_cnn():
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 16, (3, 3)), (16, 32, (3, 3))]
-    assert [(l.in_features, l.out_features) for l in linears] == [(32 * 7 * 7, 128), (128, 10)]
+    assert [(linear.in_features, linear.out_features) for linear in linears] == [(32 * 7 * 7, 128), (128, 10)]
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
 
 
@@ -42,7 +50,13 @@ def test_default_is_the_classic_cnn():
     "channels, per_block, kernel, batch_norm", [([16, 32], 1, 3, False), ([8, 16, 32], 2, 5, True), ([4], 1, 7, False)]
 )
 def test_every_configuration_produces_logits(activation, channels, per_block, kernel, batch_norm):
-    model = CNN(conv_channels=channels, convs_per_block=per_block, kernel_size=kernel, batch_norm=batch_norm, activation=activation)
+    model = CNN(
+        conv_channels=channels,
+        convs_per_block=per_block,
+        kernel_size=kernel,
+        batch_norm=batch_norm,
+        activation=activation,
+    )
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
@@ -72,7 +86,7 @@ def test_default_model_computes_the_tutorial_function():
     torch.manual_seed(0)
     model, reference = CNN().eval(), TutorialCNN().eval()
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for mine, theirs in zip(layers, [reference.conv1, reference.conv2, reference.fc1, reference.fc2]):
+    for mine, theirs in zip(layers, [reference.conv1, reference.conv2, reference.fc1, reference.fc2], strict=True):
         theirs.load_state_dict(mine.state_dict())
     images = torch.randn(8, 1, 28, 28)
     torch.testing.assert_close(model(images), reference(images))

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import yaml
-
 from conftest import REPO_ROOT, run_stage_cli, update_params
-from stages import evaluate, train
+
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import GROUPS, load_params
 from mnist_pipeline.params_messages import allowed_for
+from stages import evaluate, train
 
 
 def test_shipped_params_are_valid():
@@ -97,7 +97,9 @@ def test_unknown_section_suggests_the_closest(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["trian"] = params.pop("train")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(PipelineError, match=r"unknown section 'trian' \(did you mean 'train'\?\); the sections are: dataset, download,"):
+    with pytest.raises(
+        PipelineError, match=r"unknown section 'trian' \(did you mean 'train'\?\); the sections are: dataset, download,"
+    ):
         load_params(tmp_path / "params.yaml")
 
 
@@ -166,7 +168,7 @@ def test_processes_accepts_counts_and_auto(tmp_path, value):
 
 
 def test_every_key_says_what_it_allows():
-    for section, model in GROUPS.items():
+    for _section, model in GROUPS.items():
         for key in model.model_fields:
             assert allowed_for(model, key).startswith(("a ", "an ", "one of ", "true or false", "64 ", "{file: "))
 
@@ -176,12 +178,14 @@ def test_numbers_keep_the_type_yaml_gave_them(tmp_path):
     path = write_params(tmp_path / "params.yaml", "model.cnn", "dropout", 0)
     update_params(path, {"train": {"lr": 1, "weight_decay": 0.0}})
     params = load_params(path)
-    assert [(value, type(value)) for value in (params.model.cnn.dropout, params.train.lr, params.train.weight_decay)] == [
-        (0, int), (1, int), (0.0, float)
-    ]
+    assert [
+        (value, type(value)) for value in (params.model.cnn.dropout, params.train.lr, params.train.weight_decay)
+    ] == [(0, int), (1, int), (0.0, float)]
 
 
-@pytest.mark.parametrize("written, number", [("1e-3", 0.001), ("5E-4", 0.0005), ("+2e-1", 0.2), ("1.5e-3", 0.0015), (".5e1", 5.0)])
+@pytest.mark.parametrize(
+    "written, number", [("1e-3", 0.001), ("5E-4", 0.0005), ("+2e-1", 0.2), ("1.5e-3", 0.0015), (".5e1", 5.0)]
+)
 def test_a_number_in_exponent_notation_is_a_number_as_dvc_reads_it(tmp_path, written, number):
     """YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 (DVC's ruamel.yaml, and `dvc exp run -S`) as a float."""
     path = write_params(tmp_path / "params.yaml", "train", "lr", 0.25)
@@ -193,7 +197,10 @@ def test_a_number_in_exponent_notation_is_a_number_as_dvc_reads_it(tmp_path, wri
 @pytest.mark.parametrize("sha256", ["0" * 63 + "\n", "A" * 64, "0" * 65])
 def test_a_dataset_hash_is_exactly_64_lowercase_hex_digits(tmp_path, sha256):
     path = write_params(tmp_path / "params.yaml", "dataset", "train_labels", {"file": "labels.gz", "sha256": sha256})
-    with pytest.raises(PipelineError, match=r"dataset.train_labels = \{'file': 'labels.gz', 'sha256': .* is not allowed; expected \{file: "):
+    with pytest.raises(
+        PipelineError,
+        match=r"dataset.train_labels = \{'file': 'labels.gz', 'sha256': .* is not allowed; expected \{file: ",
+    ):
         load_params(path)
 
 

@@ -2,8 +2,8 @@
 input, bad files are one line each while the others are still predicted, and PyTorch is never imported."""
 
 import json
-import re
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -13,9 +13,9 @@ import zlib
 import numpy as np
 import onnxruntime
 import pytest
+from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, update_params, write_synthetic_mnist
 from PIL import Image, ImageDraw
 
-from conftest import REPO_ROOT, STAGE_ENV, TINY_PARAMS, update_params, write_synthetic_mnist
 from mnist_pipeline import predict
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.idx import write_idx
@@ -82,7 +82,7 @@ def test_every_variant_becomes_the_same_mnist_style_input(tmp_path):
     centre = [(ys * reference).sum() / reference.sum(), (xs * reference).sum() / reference.sum()]
     assert np.allclose(centre, 13.5, atol=1.0), f"centred by its centre of mass, at {centre}"
     for path in files:
-        (name, index, image), = predict.model_inputs(path, (28, 28))
+        ((name, index, image),) = predict.model_inputs(path, (28, 28))
         assert name == str(path) and index is None and image.shape == (28, 28) and image.dtype == np.uint8
         difference = np.abs(image.astype(int) - reference).mean()
         assert difference < 12, f"{path.name} differs from the reference by {difference:.1f} grey levels on average"
@@ -99,13 +99,15 @@ def test_images_of_another_size_and_arrays_are_read(tmp_path):
     read = list(predict.model_inputs(tmp_path / "batch.npy", (28, 28)))
     assert [(name, index) for name, index, _ in read] == [(f"{tmp_path}/batch.npy[{i}]", i) for i in range(3)]
     assert all((image == images[0]).all() for _, _, image in read), "dataset-sized arrays are taken as they are"
-    (_, _, image), = predict.model_inputs(tmp_path / "floats.npy", (28, 28))
+    ((_, _, image),) = predict.model_inputs(tmp_path / "floats.npy", (28, 28))
     assert (image == images[0]).all(), "floats in 0-1 are scaled to 0-255"
     assert len(list(predict.model_inputs(tmp_path / "images-idx3-ubyte.gz", (28, 28)))) == 3
 
 
 def run_predict(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mnist_pipeline.predict", *map(str, args)], capture_output=True, text=True, env=STAGE_ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.predict", *map(str, args)], capture_output=True, text=True, env=STAGE_ENV
+    )
 
 
 def test_cli_predicts_the_good_files_and_names_each_bad_one(models, tmp_path):
@@ -136,7 +138,7 @@ def test_cli_json_rows_and_the_int8_model(models, tmp_path):
         result = run_predict(*files[:3], "--model", models / model, "--top", 10, "--json")
         assert result.returncode == 0 and result.stderr == "", result.stderr
         outputs[model] = [json.loads(line) for line in result.stdout.splitlines()]
-    for row, path in zip(outputs["model.onnx"], files[:3]):
+    for row, path in zip(outputs["model.onnx"], files[:3], strict=False):
         assert row["file"] == str(path) and row["class"] == row["top"][0]["class"]
         assert len(row["top"]) == 10 and sum(c["probability"] for c in row["top"]) == pytest.approx(1, abs=1e-4)
         assert [c["probability"] for c in row["top"]] == sorted((c["probability"] for c in row["top"]), reverse=True)
@@ -151,7 +153,10 @@ def test_cli_rejects_a_missing_model_and_a_bad_top_in_one_line(models, tmp_path)
     result = run_predict(image, "--model", tmp_path / "fake.onnx")
     assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path}/fake.onnx is not an ONNX model")
     result = run_predict(image, "--model", models / "model.onnx", "--top", 11)
-    assert result.returncode == 1 and result.stderr == "error: --top 11 is not allowed; expected 1 to 10 (the model's classes)\n"
+    assert (
+        result.returncode == 1
+        and result.stderr == "error: --top 11 is not allowed; expected 1 to 10 (the model's classes)\n"
+    )
     with pytest.raises(PipelineError, match=r"^--threads -1 is not allowed; expected 0 \(every core\) or more$"):
         predict.predict([str(image)], models / "model.onnx", 3, as_json=False, threads=-1)
     result = run_predict(tmp_path / "missing.png", image, "--model", models / "model.onnx")
@@ -161,9 +166,15 @@ def test_cli_rejects_a_missing_model_and_a_bad_top_in_one_line(models, tmp_path)
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares its size and ends: enough for Pillow to open, never decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("side", [9000, 100_000])  # above the limit; and twice above it, where Pillow itself refuses
@@ -173,7 +184,9 @@ def test_an_image_too_large_for_memory_is_one_line(models, tmp_path, side, capsy
     failed = predict.predict([str(tmp_path)], models / "model.onnx", 1, as_json=False)
     output = capsys.readouterr()
     assert failed == 1 and output.err.count("\n") == 1
-    assert output.err.startswith(f"error: {tmp_path}/huge.png: ") and "64,000,000" in output.err and "memory" in output.err
+    assert (
+        output.err.startswith(f"error: {tmp_path}/huge.png: ") and "64,000,000" in output.err and "memory" in output.err
+    )
     assert output.out.startswith(f"{tmp_path}/good.png\t")
 
 
@@ -193,7 +206,10 @@ def test_prediction_never_imports_torch(models, tmp_path):
 def test_mnist_predict_is_an_installed_command():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["mnist-predict"] == "mnist_pipeline.predict:main"
-    assert "pillow" in " ".join(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]).lower()
+    assert (
+        "pillow"
+        in " ".join(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]).lower()
+    )
 
 
 def on_a_page(ink: np.ndarray, lighting: str) -> np.ndarray:
@@ -214,7 +230,9 @@ def test_gradients_and_shadows_are_not_ink(lighting):
     reference = predict.mnist_style(glyph(), (28, 28)).astype(int)
     prepared = predict.mnist_style(on_a_page(glyph(), lighting), (28, 28)).astype(int)
     difference = np.abs(prepared - reference).mean()
-    assert difference < 12, f"under {lighting} light the prepared digit differs by {difference:.1f} grey levels on average"
+    assert difference < 12, (
+        f"under {lighting} light the prepared digit differs by {difference:.1f} grey levels on average"
+    )
 
 
 @pytest.mark.parametrize("lighting", ["even", "gradient", "shadow", "noise", "speck"])

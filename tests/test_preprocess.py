@@ -6,12 +6,19 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import (
+    MNIST_FILES,
+    TINY_PARAMS,
+    assert_one_line_error,
+    run_stage_cli,
+    update_params,
+    write_synthetic_mnist,
+)
 
-from conftest import MNIST_FILES, TINY_PARAMS, assert_one_line_error, run_stage_cli, update_params, write_synthetic_mnist
-from stages import preprocess
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.idx import write_idx
 from mnist_pipeline.prepared import load_split, split_indices
+from stages import preprocess
 
 
 def test_split_is_deterministic_disjoint_and_seed_dependent():
@@ -34,7 +41,10 @@ def test_train_limit_subsamples_only_the_training_part():
 
 @pytest.mark.parametrize(
     "val_size, limit, message",
-    [(1000, 0, "val_size = 1000 is too large for the 1000 training images; expected at most 999"), (100, 901, "train_limit = 901 exceeds the 900")],
+    [
+        (1000, 0, "val_size = 1000 is too large for the 1000 training images; expected at most 999"),
+        (100, 901, "train_limit = 901 exceeds the 900"),
+    ],
 )
 def test_impossible_split_sizes_are_clear_errors(val_size, limit, message):
     with pytest.raises(PipelineError, match=message):
@@ -63,17 +73,43 @@ IDX_HEADER_3D = bytes([0, 0, 8, 3]) + struct.pack(">3I", 300, 28, 28)
 @pytest.mark.parametrize(
     "path, content, message",
     [
-        (TRAIN_IMAGES, gzip.compress(b"\x08\x03\x00\x00" + bytes(100)), f"{TRAIN_IMAGES} is not an IDX file: bad magic number 08030000"),
-        (TRAIN_IMAGES, np.zeros((300, 784)), f"{TRAIN_IMAGES} holds an array of shape (300, 784); expected (count, height, width)"),
+        (
+            TRAIN_IMAGES,
+            gzip.compress(b"\x08\x03\x00\x00" + bytes(100)),
+            f"{TRAIN_IMAGES} is not an IDX file: bad magic number 08030000",
+        ),
+        (
+            TRAIN_IMAGES,
+            np.zeros((300, 784)),
+            f"{TRAIN_IMAGES} holds an array of shape (300, 784); expected (count, height, width)",
+        ),
         (TRAIN_LABELS, np.zeros((300, 1)), f"{TRAIN_LABELS} holds an array of shape (300, 1); expected (count,)"),
-        (TRAIN_IMAGES, gzip.compress(IDX_HEADER_3D + bytes(1000)), f"{TRAIN_IMAGES} is truncated: shape (300, 28, 28) needs 235200 bytes"),
+        (
+            TRAIN_IMAGES,
+            gzip.compress(IDX_HEADER_3D + bytes(1000)),
+            f"{TRAIN_IMAGES} is truncated: shape (300, 28, 28) needs 235200 bytes",
+        ),
         (TRAIN_IMAGES, b"\x1f\x8b\x08\x00 cut short", f"{TRAIN_IMAGES} is corrupt: not a complete gzip file"),
         (TRAIN_LABELS, np.zeros(7), f"data/raw/{MNIST_FILES[0]} has 300 images but {TRAIN_LABELS} has 7 labels"),
         (TEST_LABELS, np.full(100, 10), f"{TEST_LABELS} has label 10; expected 0 to 9"),
-        (TEST_IMAGES, np.zeros((100, 20, 20)), f"{TRAIN_IMAGES} holds 28x28 images but {TEST_IMAGES} holds 20x20; expected the same size"),
+        (
+            TEST_IMAGES,
+            np.zeros((100, 20, 20)),
+            f"{TRAIN_IMAGES} holds 28x28 images but {TEST_IMAGES} holds 20x20; expected the same size",
+        ),
         (TEST_LABELS, None, f"{TEST_LABELS} not found"),
     ],
-    ids=["wrong magic", "images 2-d", "labels 2-d", "too few bytes", "cut gzip", "count mismatch", "label 10", "sizes differ", "missing"],
+    ids=[
+        "wrong magic",
+        "images 2-d",
+        "labels 2-d",
+        "too few bytes",
+        "cut gzip",
+        "count mismatch",
+        "label 10",
+        "sizes differ",
+        "missing",
+    ],
 )
 def test_bad_raw_file_is_a_clear_error_naming_it_and_nothing_is_written(workdir, path, content, message):
     update_params(workdir / "params.yaml", TINY_PARAMS)
@@ -93,7 +129,9 @@ def test_bad_raw_file_is_a_clear_error_naming_it_and_nothing_is_written(workdir,
 def test_val_size_larger_than_the_training_set_stops_before_writing(workdir):
     update_params(workdir / "params.yaml", {"preprocess": {"val_size": 300}})
     write_synthetic_mnist(workdir / "data/raw", train=300, test=100)
-    with pytest.raises(PipelineError, match="preprocess.val_size = 300 is too large for the 300 training images; expected at most 299"):
+    with pytest.raises(
+        PipelineError, match="preprocess.val_size = 300 is too large for the 300 training images; expected at most 299"
+    ):
         preprocess.main()
     assert not (workdir / "data/prepared").exists()
 

@@ -5,20 +5,20 @@ import concurrent.futures
 import io
 import json
 import re
+import struct
 import subprocess
 import sys
 import zlib
-import struct
 
 import numpy as np
 import onnxruntime
 import pytest
 import requests
-from PIL import Image
-
 from conftest import mnist_serve, write_linear_model
-from mnist_pipeline import serve
+from PIL import Image
 from test_predict import glyph
+
+from mnist_pipeline import serve
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -37,7 +37,8 @@ def server(model):
 
 def reference(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
     session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return dict(zip(["logits", "probabilities"], session.run(["logits", "probabilities"], {"pixels": pixels})))
+    names = ["logits", "probabilities"]
+    return dict(zip(names, session.run(names, {"pixels": pixels}), strict=True))
 
 
 def test_tritonclient_speaks_to_it_unchanged(server, model):
@@ -71,8 +72,12 @@ def test_predict_gives_mnist_predicts_answer(server, model, tmp_path):
     url, _ = server
     image = tmp_path / "seven.png"
     Image.fromarray(255 - glyph()).save(image)
-    command = subprocess.run([sys.executable, "-m", "mnist_pipeline.predict", str(image), "--model", str(model), "--json"],
-                             capture_output=True, text=True, check=True)
+    command = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.predict", str(image), "--model", str(model), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     expected = json.loads(command.stdout)
     with image.open("rb") as file:
         answer = requests.post(f"{url}/predict", files={"file": ("seven.png", file, "image/png")}, timeout=30)
@@ -102,8 +107,12 @@ def test_concurrent_requests_are_batched_and_measured(server, model):
     expected = reference(model, images)["probabilities"]
 
     def infer(i):
-        body = {"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": images[i].ravel().tolist()}],
-                "outputs": [{"name": "probabilities"}]}
+        body = {
+            "inputs": [
+                {"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": images[i].ravel().tolist()}
+            ],
+            "outputs": [{"name": "probabilities"}],
+        }
         answer = requests.post(f"{url}/v2/models/mnist/infer", json=body, timeout=30)
         assert answer.status_code == 200, answer.text
         return np.array(answer.json()["outputs"][0]["data"])
@@ -112,7 +121,12 @@ def test_concurrent_requests_are_batched_and_measured(server, model):
         results = list(pool.map(infer, range(len(images))))
     np.testing.assert_allclose(np.stack(results), expected, rtol=1e-5, atol=1e-6)  # each its own answer
     metrics = requests.get(f"{url}/metrics", timeout=30).text
-    for name in ("mnist_requests_total", "mnist_errors_total", "mnist_request_seconds_bucket", "mnist_batch_images_bucket"):
+    for name in (
+        "mnist_requests_total",
+        "mnist_errors_total",
+        "mnist_request_seconds_bucket",
+        "mnist_batch_images_bucket",
+    ):
         assert name in metrics
     counts = {float(le): float(n) for le, n in re.findall(r'mnist_batch_images_bucket\{le="([^"]+)"\} (\S+)', metrics)}
     calls = float(re.search(r"mnist_batch_images_count (\S+)", metrics).group(1))
@@ -122,13 +136,18 @@ def test_concurrent_requests_are_batched_and_measured(server, model):
 
 def decompression_bomb() -> bytes:
     """A valid PNG header for 30000 x 30000 grey pixels, whose few kilobytes would decode to 900 MB."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     side = 30000
     rows = zlib.compress(b"\x00" * (side + 1) * 64, 9)  # only the first rows: the header is what is checked
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", rows)
+        + chunk(b"IEND", b"")
+    )
 
 
 NOISE = np.random.default_rng(3).integers(0, 256, size=(100, 100), dtype=np.uint8)
@@ -157,18 +176,29 @@ HOSTILE = [
     ("infer", {"json": {"inputs": [{**V2, "data": [256] * 784}]}}, 400, "pixels 0-255"),
     ("infer", {"json": {"inputs": [{**V2, "data": None}]}}, 400, "has no data"),
     ("infer", {"json": {"inputs": [V2], "outputs": [{"name": "softmax"}]}}, 400, "no output named 'softmax'"),
-    ("infer", {"data": json.dumps({"inputs": [{**V2, "data": None, "parameters": {"binary_data_size": 784}}]}).encode()
-               + b"\0" * 10, "headers": {"Inference-Header-Content-Length": "95"}}, 400, ""),
+    (
+        "infer",
+        {
+            "data": json.dumps({"inputs": [{**V2, "data": None, "parameters": {"binary_data_size": 784}}]}).encode()
+            + b"\0" * 10,
+            "headers": {"Inference-Header-Content-Length": "95"},
+        },
+        400,
+        "",
+    ),
     ("infer", {"data": b"{}", "headers": {"Inference-Header-Content-Length": "99"}}, 400, "not a length within"),
     ("wrong_model", {"json": {"inputs": [V2]}}, 404, "no model named"),
 ]
 
 
-@pytest.mark.parametrize("endpoint,request_options,status,message", HOSTILE,
-                         ids=[f"{e}-{i}" for i, (e, *_) in enumerate(HOSTILE)])
+@pytest.mark.parametrize(
+    "endpoint,request_options,status,message", HOSTILE, ids=[f"{e}-{i}" for i, (e, *_) in enumerate(HOSTILE)]
+)
 def test_hostile_input_is_one_clear_4xx_and_the_server_stays_up(server, endpoint, request_options, status, message):
     url, process = server
-    target = {"predict": "/predict", "infer": "/v2/models/mnist/infer", "wrong_model": "/v2/models/nine/infer"}[endpoint]
+    target = {"predict": "/predict", "infer": "/v2/models/mnist/infer", "wrong_model": "/v2/models/nine/infer"}[
+        endpoint
+    ]
     answer = requests.post(f"{url}{target}", timeout=60, **request_options)
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
@@ -208,10 +238,32 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     url, process = server
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "100", "--seed", "1", "--workers", "1", "--report", "json", "--report-json-path", str(report),
-         "--warnings", "off", "--phases", "examples,coverage,fuzzing"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "100",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+            "--report",
+            "json",
+            "--report-json-path",
+            str(report),
+            "--warnings",
+            "off",
+            "--phases",
+            "examples,coverage,fuzzing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:]
     summary = re.search(r"(\d+) generated", result.stdout)

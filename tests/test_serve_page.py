@@ -10,9 +10,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import mnist_serve, write_linear_model
 from PIL import Image, ImageDraw
 
-from conftest import mnist_serve, write_linear_model
 from mnist_pipeline.predict import mnist_style
 
 CHROMIUM = shutil.which("chromium")
@@ -32,8 +32,21 @@ STROKES = {
     5: [[(0.8, 0.06), (0.3, 0.06), (0.25, 0.45), (0.65, 0.4), (0.8, 0.65), (0.62, 0.92), (0.2, 0.86)]],
     6: [[(0.7, 0.05), (0.35, 0.4), (0.25, 0.72), (0.42, 0.94), (0.7, 0.88), (0.74, 0.64), (0.5, 0.52), (0.28, 0.66)]],
     7: [[(0.15, 0.08), (0.85, 0.08), (0.4, 0.95)]],
-    8: [[(0.7, 0.15), (0.5, 0.05), (0.3, 0.15), (0.35, 0.35), (0.65, 0.6), (0.7, 0.85), (0.5, 0.95), (0.3, 0.85),
-         (0.35, 0.6), (0.65, 0.35), (0.7, 0.15)]],
+    8: [
+        [
+            (0.7, 0.15),
+            (0.5, 0.05),
+            (0.3, 0.15),
+            (0.35, 0.35),
+            (0.65, 0.6),
+            (0.7, 0.85),
+            (0.5, 0.95),
+            (0.3, 0.85),
+            (0.35, 0.6),
+            (0.65, 0.35),
+            (0.7, 0.15),
+        ]
+    ],
     9: [[(0.75, 0.3), (0.55, 0.08), (0.3, 0.2), (0.35, 0.42), (0.7, 0.35), (0.75, 0.3), (0.7, 0.6), (0.6, 0.95)]],
 }
 # Where and how large a digit is drawn: (left, top, size) in canvas pixels.
@@ -57,7 +70,9 @@ def rendered(strokes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    templates = np.stack([mnist_style(rendered(on_canvas(d, "centred")), (28, 28)).astype(np.float64).ravel() for d in STROKES])
+    templates = np.stack(
+        [mnist_style(rendered(on_canvas(d, "centred")), (28, 28)).astype(np.float64).ravel() for d in STROKES]
+    )
     templates -= templates.mean(1, keepdims=True)
     weights = 40 * templates.T / np.linalg.norm(templates, axis=1)  # a scaled correlation with each template
     model = write_linear_model(tmp_path_factory.mktemp("model") / "model.onnx", weights, [str(d) for d in STROKES])
@@ -70,7 +85,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", *OFFLINE])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", *OFFLINE]
+        )
         yield browser
         browser.close()
 
@@ -109,8 +126,10 @@ def draw_with_touch(page, strokes) -> None:
     session = page.context.new_cdp_session(page)
     for stroke in strokes:
         points = [(box["x"] + x, box["y"] + y) for x, y in stroke]
-        session.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": points[0][0], "y": points[0][1]}]})
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        session.send(
+            "Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": points[0][0], "y": points[0][1]}]}
+        )
+        for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
             for t in np.linspace(0.25, 1, 4):
                 point = {"x": x0 + (x1 - x0) * t, "y": y0 + (y1 - y0) * t}
                 session.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})

@@ -38,7 +38,7 @@ def test_random_shift_moves_each_image_by_at_most_the_limit():
     rows, cols = (shifted[:, 0] == 255).nonzero()[:, 1], (shifted[:, 0] == 255).nonzero()[:, 2]
     assert len(rows) == 64, "each image keeps its one bright pixel"
     assert rows.min() >= 12 and rows.max() <= 16 and cols.min() >= 12 and cols.max() <= 16
-    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10, "offsets differ between images"
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 10, "offsets differ between images"
 
 
 def test_random_shift_fills_with_black_and_never_flips():
@@ -46,8 +46,12 @@ def test_random_shift_fills_with_black_and_never_flips():
     for seed in range(20):
         shifted = augment.random_shift(pixels, 3, torch.Generator().manual_seed(seed))[0, 0]
         inside = shifted[3:-3, 3:-3]  # always inside the source image, whatever the offset
-        found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
-                 if torch.equal(inside, pixels[0, 0, 3 + dy : 25 + dy, 3 + dx : 25 + dx])]
+        found = [
+            (dy, dx)
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+            if torch.equal(inside, pixels[0, 0, 3 + dy : 25 + dy, 3 + dx : 25 + dx])
+        ]
         assert len(found) == 1, "the result is the source translated, not mirrored or rotated"
         assert (shifted == 0).any() or found == [(0, 0)]
 
@@ -62,7 +66,9 @@ def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
     summary = json.loads((workdir / "metrics/train/metrics.json").read_text())
     train.main()
     assert (workdir / "models/model.pt").read_bytes() == first_bytes, "same params, same bytes: DVC sees no change"
-    assert summary["best"]["epoch"] == first["epoch"] and summary["best"]["val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)
+    assert summary["best"]["epoch"] == first["epoch"] and summary["best"]["val_accuracy"] == pytest.approx(
+        first["val_accuracy"], abs=1e-6
+    )
     assert json.loads((workdir / train.METRICS_FILE).read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
     curve = (workdir / "metrics/train/plots/metrics/val/accuracy.tsv").read_text().splitlines()
     assert len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
@@ -124,7 +130,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
 
     work = prepared_workdir(tmp_path, "killed")
     state = work / train.RESUME_FILE
-    process = subprocess.Popen(stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -193,7 +201,9 @@ def test_ctrl_c_stops_in_one_line_and_a_rerun_resumes_from_the_last_epoch(resuma
     assert train_outputs(resumable_workdir) == uninterrupted
 
 
-def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resumed(resumable_workdir, monkeypatch, capsys):
+def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resumed(
+    resumable_workdir, monkeypatch, capsys
+):
     train.main()
     fresh = train_outputs(resumable_workdir)
 
@@ -215,7 +225,9 @@ def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resum
 
 @pytest.mark.slow
 def test_a_compiled_model_trains_and_saves_the_plain_model(workdir):
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "compile": True}})
+    update_params(
+        workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "compile": True}}
+    )
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
     train.main()
@@ -235,7 +247,13 @@ def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_ste
 
         def counted(tensor, *args, original=original, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if caller in (train.__file__, training.__file__, resume.__file__, model_module.__file__, device_module.__file__):
+            if caller in (
+                train.__file__,
+                training.__file__,
+                resume.__file__,
+                model_module.__file__,
+                device_module.__file__,
+            ):
                 reads.append(caller)
             return original(tensor, *args, **kwargs)
 
@@ -266,7 +284,10 @@ def test_a_training_state_from_another_device_is_reported_and_not_resumed(resuma
     capsys.readouterr()
     train.main()
     output = capsys.readouterr().out
-    assert f"ignoring {train.RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n" in output
+    assert (
+        f"ignoring {train.RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n"
+        in output
+    )
     assert "resuming" not in output and train_outputs(resumable_workdir) == fresh
 
 
@@ -292,15 +313,21 @@ def test_the_code_digest_covers_the_given_files_and_the_package(tmp_path):
 
 
 def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(workdir):
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "batch_size": 256}})
+    update_params(
+        workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "batch_size": 256}}
+    )
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
-    assert_one_line_error(run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs more than 1 step of warm-up")
+    assert_one_line_error(
+        run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs more than 1 step of warm-up"
+    )
 
 
 def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
     """The trial steps that make torch.compile compile up front are undone: weights, optimiser, random draws."""
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "dropout": 0.3}}})
+    update_params(
+        workdir / "params.yaml", {**TINY_PARAMS, "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "dropout": 0.3}}}
+    )
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
     preprocess.main()
     params = load_params()
@@ -313,6 +340,9 @@ def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
 
     assert training.compile_now(step, run, {32, 20}) > 0
     assert all(torch.equal(tensor, weights[name]) for name, tensor in run.model.state_dict().items())
-    assert all(torch.equal(value, moment) for value, moment in zip((v for s in run.optimizer.state.values() for v in s.values()), moments))
+    assert all(
+        torch.equal(value, moment)
+        for value, moment in zip((v for s in run.optimizer.state.values() for v in s.values()), moments, strict=True)
+    )
     after = training.rng_states(run.generator, run.device)
     assert torch.equal(after["generator"], rng["generator"]) and torch.equal(after["torch"], rng["torch"])
