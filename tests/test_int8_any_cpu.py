@@ -196,3 +196,91 @@ def test_the_accuracy_limit_counts_images_so_a_drop_of_exactly_the_limit_passes(
         with pytest.raises(PipelineError, match=r"^the int8 model's test accuracy 0\.8980 is 5 of 2000 images below the "
                            r"fp32 model's 0\.9005, where export\.int8_max_accuracy_drop = 0\.002 allows 4; nothing written$"):
             int8_verification.check_int8(None, int8_logits, fp32_logits, labels, pixels, params, "nothing written")
+
+
+def tent_network(width: int = 100, iterations: int = 12, slope: float = 1.93) -> onnx.ModelProto:
+    """A deep network (2 + 2 * iterations layers) whose float32 rounding differences grow end to end: each of `width`
+    numbers in [0, 1] starts as a random average of the pixels and goes through the tent map x -> slope * min(x, 1 - x)
+    `iterations` times, two MatMul+Relu layers each, so that a difference of one step nearly doubles at every step.
+    The constant 1 the map needs travels as a channel of its own, set by the first layer's bias."""
+    rng = np.random.default_rng(0)
+    first = rng.random((width + 1, 28 * 28)).astype(np.float32)
+    first /= first.sum(1, keepdims=True)
+    first[width] = 0
+    bias = np.zeros(width + 1, np.float32)
+    bias[width] = 1
+    eye, zero, one = np.eye(width, dtype=np.float32), np.zeros((width, 1), np.float32), np.ones((1, 1), np.float32)
+    split = np.block([[eye, zero], [2 * eye, zero - 1], [zero.T, one]])  # x, 2x - 1 (then Relu), 1
+    fold = np.block([[slope * eye, -slope * eye, zero], [zero.T, zero.T, one]])  # slope * (x - relu(2x - 1)), 1
+    vote = np.zeros((width + 1, 10), np.float32)
+    vote[np.arange(width), np.arange(width) % 10] = 1
+    nodes = [helper.make_node("Cast", ["pixels"], ["float_pixels"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["float_pixels", "scale"], ["inputs"]), helper.make_node("Flatten", ["inputs"], ["rows"]),
+             helper.make_node("Gemm", ["rows", "first", "bias"], ["x0"], transB=1)]
+    for i in range(iterations):
+        nodes += [helper.make_node("MatMul", [f"x{i}", "split"], [f"s{i}"]), helper.make_node("Relu", [f"s{i}"], [f"r{i}"]),
+                  helper.make_node("MatMul", [f"r{i}", "fold"], [f"f{i}"]), helper.make_node("Relu", [f"f{i}"], [f"x{i + 1}"])]
+    nodes += [helper.make_node("MatMul", [f"x{iterations}", "vote"], ["logits"]),
+              helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    stored = [numpy_helper.from_array(array, name) for name, array in [
+        ("scale", np.float32(255)), ("first", first), ("bias", bias), ("split", split.T.copy()), ("fold", fold.T.copy()),
+        ("vote", vote)]]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 10]) for name in ("logits", "probabilities")]
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n", 1, 28, 28])
+    return helper.make_model(helper.make_graph(nodes, "tent", [pixels], outputs, stored), opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """The tent network quantised as the export stage quantises, and 300 images of varied brightness."""
+    folder = tmp_path_factory.mktemp("deep")
+    rng = np.random.default_rng(1)
+    pixels = (rng.random((300, 1, 28, 28)) * rng.random((300, 1, 1, 1)) * 512).clip(0, 255).astype(np.uint8)
+    np.save(folder / "pixels.npy", pixels)
+    onnx.save(tent_network(), folder / "tent.onnx")
+    onnx_export.quantize_int8(folder / "tent.onnx", folder / "tent.int8.onnx", pixels)
+    return folder
+
+
+def test_a_deep_network_the_end_to_end_rule_rejected_passes_the_layer_check(deep):
+    """The rule this check replaced compared classes end to end and allowed the reference's two classes to lie 4
+    logit steps apart. Here the reference's one-step roundings grow through 26 layers into classes tens of steps
+    apart on many images, yet every layer onnxruntime computes is within a step of the reference given its inputs."""
+    from mnist_pipeline.onnx_io import onnx_outputs
+
+    model, pixels = onnx.load(deep / "tent.int8.onnx"), np.load(deep / "pixels.npy")
+    logits = onnx_outputs(deep / "tent.int8.onnx", pixels)[0]
+    expected = int8_verification.reference_logits(model, pixels)
+    rows, step = np.arange(len(pixels)), float(numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "logits_scale")))
+    margins = expected[rows, expected.argmax(1)] - expected[rows, logits.argmax(1)]
+    assert (margins > 4 * step).sum() >= 10, "the old rule rejects it"
+    figures, problem = compare_with_reference(model, pixels, logits)
+    assert problem is None and figures["int8_layer_max_steps"] == 1 and figures["int8_reference_agreement"] < 0.95
+
+
+DEEP_LOGITS = """
+import sys
+from pathlib import Path
+import numpy as np
+from mnist_pipeline.onnx_io import onnx_outputs
+folder = Path(sys.argv[1])
+np.save(folder / "emulated.npy", onnx_outputs(folder / "tent.int8.onnx", np.load(folder / "pixels.npy"))[0])
+"""
+
+
+@pytest.mark.skipif(QEMU is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
+                    reason="no qemu-x86_64 (Debian's qemu-user) to emulate a CPU without VNNI")
+def test_the_deep_networks_onnxruntime_logits_are_the_same_native_and_on_an_emulated_avx2_cpu(deep):
+    """What the end-to-end rule took for a CPU's fault was the reference's rounding: onnxruntime's own answers are
+    bit for bit the same on its AVX2 kernels as on this CPU's."""
+    assert QEMU, "MNIST_PIPELINE_REQUIRE_QEMU is set, but there is no qemu-x86_64 (apt-get install qemu-user)"
+    from mnist_pipeline.onnx_io import onnx_outputs
+
+    result = subprocess.run(
+        [QEMU, "-cpu", "Haswell", sys.executable, "-c", DEEP_LOGITS, str(deep)],
+        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    native = onnx_outputs(deep / "tent.int8.onnx", np.load(deep / "pixels.npy"))[0]
+    assert np.array_equal(native, np.load(deep / "emulated.npy"))
