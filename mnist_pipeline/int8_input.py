@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 from mnist_pipeline.onnx_io import INPUT_NAME
 
 ELEMENTWISE = {"Cast", "Sub", "Div", "Mul", "Add"}  # what normalise() exports to, each with a scalar constant
-AFFINE_TOLERANCE = 1e-5  # of the scale: float32 rounding in the exported chain, not a non-affine step
+AFFINE_TOLERANCE = 1e-3  # of the scale: float32 rounding in the chain (1e-5 of it), not a non-affine step
 
 
 def affine_chain(model: onnx.ModelProto, quantize: onnx.NodeProto) -> list[onnx.NodeProto] | None:

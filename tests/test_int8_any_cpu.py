@@ -284,3 +284,62 @@ def test_the_deep_networks_onnxruntime_logits_are_the_same_native_and_on_an_emul
     assert result.returncode == 0, result.stderr[-2000:]
     native = onnx_outputs(deep / "tent.int8.onnx", np.load(deep / "pixels.npy"))[0]
     assert np.array_equal(native, np.load(deep / "emulated.npy"))
+
+
+def normalising_conv(mean: float = 0.1307, std: float = 0.3081) -> onnx.ModelProto:
+    """Raw pixels, normalised as model.normalize does, into a 3x3 convolution of 4 channels and a Gemm to 2 classes."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Cast", ["pixels"], ["float_pixels"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["float_pixels", "scale"], ["unit"]), helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+             helper.make_node("Div", ["centred", "std"], ["inputs"]),
+             helper.make_node("Conv", ["inputs", "w", "b"], ["maps"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["maps"], ["active"]),
+             helper.make_node("Flatten", ["active"], ["rows"]), helper.make_node("Gemm", ["rows", "v", "c"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    stored = [numpy_helper.from_array(array, name) for name, array in [
+        ("scale", np.float32(255)), ("mean", np.float32(mean)), ("std", np.float32(std)),
+        ("w", rng.standard_normal((4, 1, 3, 3)).astype(np.float32)), ("b", np.zeros(4, np.float32)),
+        ("v", rng.standard_normal((2, 4 * 28 * 28)).astype(np.float32) / 50), ("c", np.zeros(2, np.float32))]]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 2]) for name in ("logits", "probabilities")]
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n", 1, 28, 28])
+    return helper.make_model(helper.make_graph(nodes, "normalising", [pixels], outputs, stored), opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_the_first_convolution_reads_the_raw_pixels_with_the_normalisations_scale_and_zero_point(tmp_path):
+    """The normalisation is affine in the pixel, so the uint8 pixels are the first convolution's quantised input:
+    scale 1 / (255 std), zero point 255 mean rounded (33 for MNIST's 0.1307). No Cast is left, the logits stay
+    within a few steps of the float-normalised int8 model's, and the layer check passes."""
+    from mnist_pipeline.onnx_io import onnx_outputs
+
+    rng = np.random.default_rng(2)
+    pixels = (rng.random((64, 1, 28, 28)) < 0.2).astype(np.uint8) * rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+    onnx.save(normalising_conv(), tmp_path / "float.onnx")
+    onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "raw.onnx", pixels)
+    onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "plain.onnx", pixels, raw_pixels=False)
+    raw = onnx.load(tmp_path / "raw.onnx")
+    assert "Cast" not in {node.op_type for node in raw.graph.node}
+    assert "Cast" in {node.op_type for node in onnx.load(tmp_path / "plain.onnx").graph.node}
+    stored = {tensor.name: numpy_helper.to_array(tensor) for tensor in raw.graph.initializer}
+    assert stored["pixels_normalised_zero_point"] == 33 and stored["pixels_normalised_zero_point"].dtype == np.uint8
+    assert stored["pixels_normalised_scale"] == pytest.approx(1 / (255 * 0.3081), rel=1e-6)
+    step = float(stored["logits_scale"])
+    raw_logits, plain_logits = (onnx_outputs(tmp_path / f"{name}.onnx", pixels)[0] for name in ("raw", "plain"))
+    assert np.abs(raw_logits - plain_logits).max() <= 4 * step
+    figures, problem = compare_with_reference(raw, pixels, raw_logits)
+    assert problem is None and figures["int8_layer_max_steps"] <= 1
+
+
+def test_an_input_preparation_that_is_not_affine_keeps_its_float_input(tmp_path):
+    """A Resize between the pixels and the first quantised tensor (ResNet-18's input_size) is no affine map of each
+    pixel: the model is left as quantize_static wrote it."""
+    model = normalising_conv()
+    model.graph.node[3].input[0], model.graph.node[4].input[0] = "centred", "resized"
+    model.graph.node.insert(4, helper.make_node("Relu", ["centred_std"], ["resized"]))
+    model.graph.node[3].output[0] = "centred_std"
+    from mnist_pipeline.int8_input import read_raw_pixels
+
+    pixels = np.random.default_rng(2).integers(0, 256, (16, 1, 28, 28), dtype=np.uint8)
+    onnx.save(model, tmp_path / "float.onnx")
+    onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "plain.onnx", pixels, raw_pixels=False)
+    quantized = onnx.load(tmp_path / "plain.onnx")
+    assert not read_raw_pixels(quantized)
+    assert "Cast" in {node.op_type for node in quantized.graph.node}
