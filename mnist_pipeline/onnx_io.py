@@ -7,23 +7,19 @@ import onnxruntime
 
 INPUT_NAME, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
 BATCH = 1000  # images per onnxruntime call when a whole split is run
-# onnxruntime moves the int8 model's QuantizeLinear/DequantizeLinear pairs across max-pooling and reshapes before it
-# fuses them into integer kernels; tests/benchmark.py --inference measures whether keeping them where the file
-# puts them is faster (docs/performance.md#inference). A float model has no such pairs: it changes nothing there.
-INT8_DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 
 
-def inference_session(path: Path | str | bytes, threads: int = 0, int8: bool = True) -> onnxruntime.InferenceSession:
+def inference_session(path: Path | str | bytes, threads: int = 0, disabled_optimizers: tuple[str, ...] = ()) -> onnxruntime.InferenceSession:
     """onnxruntime's fastest CPU set-up for these small models, measured by tests/benchmark.py: every graph
     optimisation (NCHWc convolutions, fused activations), one operator at a time, `threads` threads (0: every core).
-    `path` may be the model's bytes instead; int8=False leaves onnxruntime's default optimisers all on."""
+    `path` may be the model's bytes instead; tests/benchmark.py --inference names optimisers to turn off."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"],
-                                        disabled_optimizers=INT8_DISABLED_OPTIMIZERS if int8 else [])
+                                        disabled_optimizers=list(disabled_optimizers))
 
 
 def onnx_outputs(path: Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
