@@ -1,7 +1,8 @@
 """Benchmark: the pipeline's training, inference and overhead against the tutorial loop, side by side in one run.
 
 `make bench` runs `dvc repro` (MNIST_PIPELINE_MIRRORS names a local copy of MNIST) and then this script;
-`python tests/benchmark.py [--best] [--device cuda]` runs it alone, after `dvc repro`. Every ratio compares
+`python tests/benchmark.py [--best] [--device cuda]` runs it alone, after `dvc repro`; `--inference` only fp32
+against int8 in onnxruntime, with what each int8 step bought. Every ratio compares
 two measurements taken in this same process, on this same machine, with train.threads CPU threads for both.
 The last line sums it up as key=value pairs.
 """
