@@ -11,6 +11,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from torch import nn
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.int8_input import read_raw_pixels
 from mnist_pipeline.model import PixelClassifier
 from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, PROBABILITIES
 
@@ -118,19 +119,24 @@ INT8_SETTINGS = {
 }
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, raw_pixels: bool = True) -> None:
     """onnxruntime's static quantisation (INT8_SETTINGS): 7-bit int8 weights per output channel and uint8
     activations, their ranges calibrated on `calibration`, in the QDQ format that onnxruntime fuses into integer
     kernels on x86.
 
     The convolutions, activations, poolings and matrix products run in 8 bits from the first convolution to the
-    logits; the input scaling and the softmax stay in float, so the probabilities keep their precision.
+    logits; the softmax stays in float, so the probabilities keep their precision. With raw_pixels, where the input
+    preparation is the normalisation alone (the CNN), the first convolution reads the uint8 pixels as its quantised
+    input (int8_input.py); else, and for ResNet-18's resize, the input is prepared in float and quantised.
     """
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference and graph clean-up, as quantisation expects
         quantize_static(str(prepared), str(int8_path), CalibrationImages(calibration), **INT8_SETTINGS)
     fp32, int8 = onnx.load(fp32_path), onnx.load(int8_path)
+    if raw_pixels:
+        read_raw_pixels(int8)
     int8.doc_string = fp32.doc_string + " Activations quantised to 8 bits, weights to 7 (the same answers on every CPU)."
     onnx.helper.set_model_props(int8, {p.key: p.value for p in fp32.metadata_props})
+    onnx.checker.check_model(int8)
     onnx.save_model(int8, int8_path)

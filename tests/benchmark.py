@@ -1,7 +1,8 @@
 """Benchmark: the pipeline's training, inference and overhead against the tutorial loop, side by side in one run.
 
 `make bench` runs `dvc repro` (MNIST_PIPELINE_MIRRORS names a local copy of MNIST) and then this script;
-`python tests/benchmark.py [--best] [--device cuda]` runs it alone, after `dvc repro`. Every ratio compares
+`python tests/benchmark.py [--best] [--device cuda]` runs it alone, after `dvc repro`; `--inference` only fp32
+against int8 in onnxruntime, with what each int8 step bought. Every ratio compares
 two measurements taken in this same process, on this same machine, with train.threads CPU threads for both.
 The last line sums it up as key=value pairs.
 """
@@ -352,6 +353,53 @@ def inference(rounds: int = 7) -> dict[str, str]:
     return {"ort_speedup": f"{ratios['onnxruntime fp32']:.1f}", "int8_speedup": f"{ratios['onnxruntime int8']:.1f}"}
 
 
+def int8_steps(rounds: int = 7) -> dict[str, str]:
+    """`--inference`: the fp32 ONNX model against the int8 one at batch 1000 and batch 1, with what each step from
+    quantize_static's plain output to the exported int8 model bought, all timed in this run with the same threads.
+    Each step's session and file are built here from models/model.pt, as the export stage builds them."""
+    params = load_params().export
+    model, checkpoint = load_checkpoint(MODEL_FILE)
+    images, labels = load_split("test")
+    pixels = np.ascontiguousarray(images[:1000, None])
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        fp32_path = Path(folder) / "model.onnx"
+        export_onnx(export_form(model, checkpoint["architecture"]), fp32_path, params.opset, images.shape[1], checkpoint["class_names"])
+        calibration = calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
+        files = {}
+        for name, raw in [("plain", False), ("raw", True)]:
+            files[name] = Path(folder) / f"model.{name}.int8.onnx"
+            quantize_int8(fp32_path, files[name], calibration, raw_pixels=raw)
+        # The last step is the exported model as mnist-predict runs it; the one after it was tried and not adopted.
+        steps = {
+            "fp32": inference_session(fp32_path, threads),
+            "int8, QDQ as quantize_static writes it": inference_session(files["plain"], threads),
+            "+ raw uint8 pixels into the first conv": inference_session(files["raw"], threads),
+            "(tried) + QDQPropagationTransformer off": inference_session(files["raw"], threads, ("QDQPropagationTransformer",)),
+        }
+        exported = "+ raw uint8 pixels into the first conv"
+        accuracy = {name: float((np.concatenate([session.run(["logits"], {"pixels": images[i : i + 1000, None]})[0]
+                                                 for i in range(0, len(images), 1000)]).argmax(1) == labels).mean())
+                    for name, session in steps.items()}
+        runtimes = {name: (lambda batch, s=session: s.run(["logits"], {"pixels": batch})[0]) for name, session in steps.items()}
+        summary = {}
+        for batch, repeats in [(1000, 10), (1, 500)]:
+            rates = best_images_per_second(runtimes, pixels[:batch], rounds, repeats)
+            previous = None
+            for name, rate in rates.items():
+                speed = f"{rate:,.0f} images/s" if batch > 1 else f"{1000 / rate:.3f} ms per image"
+                bought = f", {rate / rates[previous]:.2f}x the step before" if previous not in (None, "fp32") else ""
+                target = (1.5 if batch > 1 else 1.0) if name == exported else None
+                report(f"batch {batch}: {name}", f"{speed} = {rate / rates['fp32']:.2f}x fp32{bought}",
+                       *((f">= {target}x", rate / rates["fp32"] >= target) if target else ()))
+                previous = name
+            summary[f"int8_speedup_{batch}"] = f"{rates[exported] / rates['fp32']:.2f}"
+        for name, value in accuracy.items():
+            report(f"test accuracy: {name}", f"{value:.4f} ({100 * (value - accuracy['fp32']):+.2f} points)")
+        summary["int8_accuracy_drop_points"] = f"{100 * (accuracy['fp32'] - accuracy[exported]):.2f}"
+    return summary
+
+
 @contextlib.contextmanager
 def scratch_repo(preprocess_overrides: dict):
     """A temporary working directory with data/raw linked in and params.yaml changed as given.
@@ -609,6 +657,8 @@ def main() -> None:
                         help="only the fast recipe over N seeds after a warm-up, its time to 99.0% timed as on a GPU; with --best, the best preset too")
     parser.add_argument("--best-epochs", type=int, metavar="N", help="with --seeds and --best: N epochs of the best preset instead of its own")
     parser.add_argument("--best-seeds", type=int, default=1, metavar="N", help="with --seeds and --best: the best preset with seeds 0 to N-1")
+    parser.add_argument("--inference", action="store_true",
+                        help="only fp32 against int8 in onnxruntime at batch 1000 and 1, with what each int8 step bought")
     parser.add_argument("--resnet", type=int, metavar="SIZE", help="only ResNet-18 from scratch for one epoch at SIZE x SIZE inputs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the project's training runs; the reference loop and inference stay on the CPU")
@@ -624,7 +674,8 @@ def main() -> None:
         return
     only = {"processes": args.processes and (lambda: data_parallel(params, device)),
             "resnet": args.resnet and (lambda: resnet_epoch(params, args.device, args.resnet)),
-            "seeds": args.seeds and (lambda: seeds_and_best(params, args, precision_setting))}
+            "seeds": args.seeds and (lambda: seeds_and_best(params, args, precision_setting)),
+            "inference": args.inference and int8_steps}
     for section in filter(None, only.values()):
         summary = section()
         print(" ".join(f"{key}={value}" for key, value in summary.items()))

@@ -55,6 +55,15 @@ def test_inference_compares_eager_onnxruntime_fp32_and_int8_at_batch_1000_and_1(
     assert "x channels-last eager" in output and "x fp32" in output and "ms per image" in output
 
 
+def test_inference_steps_print_fp32_against_int8_and_what_each_step_bought(trained_workdir, capsys):
+    summary = benchmark.int8_steps(rounds=1)
+    output = capsys.readouterr().out
+    assert set(summary) == {"int8_speedup_1000", "int8_speedup_1", "int8_accuracy_drop_points"}
+    for batch in [1000, 1]:
+        assert f"batch {batch}: + raw uint8 pixels into the first conv" in output
+    assert output.count("the step before") == 4 and output.count("test accuracy: ") == 4
+
+
 @pytest.mark.parametrize(
     "machine, precision",
     [
