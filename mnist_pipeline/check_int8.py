@@ -36,11 +36,13 @@ def main() -> None:
         figures, problem = compare_with_reference(onnx.load(args.model), pixels, logits)
         if problem:
             raise PipelineError(f"{args.model} failed its check against its definition: {problem}")
-        print(f"{args.model}: on {len(pixels)} test images on this CPU ({this_cpu().describe()}), every layer in "
-              f"onnxruntime within {figures['int8_layer_max_steps']} quantisation step of onnx's reference evaluator "
-              f"given the same inputs, and onnxruntime's class the reference's end to end for "
-              f"{figures['int8_reference_agreement']:.2%}; weights within the bounds that keep every CPU exact "
-              f"({time.perf_counter() - started:.0f} s)")
+        print(
+            f"{args.model}: on {len(pixels)} test images on this CPU ({this_cpu().describe()}), every layer in "
+            f"onnxruntime within {figures['int8_layer_max_steps']} quantisation step of onnx's reference evaluator "
+            f"given the same inputs, and onnxruntime's class the reference's end to end for "
+            f"{figures['int8_reference_agreement']:.2%}; weights within the bounds that keep every CPU exact "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
 
     run_stage(check)
 

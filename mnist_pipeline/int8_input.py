@@ -48,9 +48,13 @@ def read_raw_pixels(model: onnx.ModelProto) -> bool:
         if chain is None:
             continue
         used = sorted({name for node in chain for name in node.input if name in stored})
-        graph = helper.make_graph(chain, "preparation", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, None)],
-                                  [helper.make_tensor_value_info(quantize.input[0], TensorProto.FLOAT, None)],
-                                  [stored[name] for name in used])
+        graph = helper.make_graph(
+            chain,
+            "preparation",
+            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, None)],
+            [helper.make_tensor_value_info(quantize.input[0], TensorProto.FLOAT, None)],
+            [stored[name] for name in used],
+        )
         prepared = ReferenceEvaluator(helper.make_model(graph, opset_imports=model.opset_import))
         values = prepared.run(None, {INPUT_NAME: np.arange(256, dtype=np.uint8)})[0].astype(np.float64).reshape(-1)
         scale = (values[255] - values[0]) / 255
@@ -60,8 +64,12 @@ def read_raw_pixels(model: onnx.ModelProto) -> bool:
         if not 0 <= zero_point <= 255:
             continue
         name = f"{INPUT_NAME}_normalised"
-        model.graph.initializer.extend([numpy_helper.from_array(np.float32(scale), f"{name}_scale"),
-                                        numpy_helper.from_array(np.uint8(zero_point), f"{name}_zero_point")])
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.float32(scale), f"{name}_scale"),
+                numpy_helper.from_array(np.uint8(zero_point), f"{name}_zero_point"),
+            ]
+        )
         for node in model.graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0] == quantize.output[0]:
                 node.input[:3] = [INPUT_NAME, f"{name}_scale", f"{name}_zero_point"]

@@ -18,7 +18,9 @@ from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, inference_session
 from mnist_pipeline.params import ExportParams
 
 REFERENCE_OPSET = 19  # the first opset whose DequantizeLinear onnx's reference evaluator implements
-REFERENCE_IMAGES = 500  # test images the export stage checks, about 12 s on 2 shared cores; `make check-int8` checks all
+REFERENCE_IMAGES = (
+    500  # test images the export stage checks, about 12 s on 2 shared cores; `make check-int8` checks all
+)
 REFERENCE_BATCH = 100
 STEP_LIMIT = 1  # quantisation steps a layer may differ from the reference by: float32 rounding (check_layers)
 FLOAT_LIMIT = 1e-5  # relative difference allowed in a float output (the softmax): float32 rounding too
@@ -49,16 +51,20 @@ def weight_bound_problem(model: onnx.ModelProto) -> str | None:
             continue
         largest = int(np.abs(weights).max())
         if largest > WEIGHT_LIMIT:
-            return (f"the {node.op_type} weights {name} hold integers up to {largest} in magnitude, beyond "
-                    f"{WEIGHT_LIMIT}: CPUs without VNNI would saturate their sums")
+            return (
+                f"the {node.op_type} weights {name} hold integers up to {largest} in magnitude, beyond "
+                f"{WEIGHT_LIMIT}: CPUs without VNNI would saturate their sums"
+            )
         transposed = any(attribute.name == "transB" and attribute.i for attribute in node.attribute)
         axis = OUTPUT_AXIS.get(node.op_type, 0 if transposed else 1) % weights.ndim
         sums = np.abs(weights).sum(axis=tuple(a for a in range(weights.ndim) if a != axis))
         bias = quantized(node.input[2])[1] if len(node.input) > 2 and node.input[2] else None
         bound = int((ACTIVATION_LIMIT * sums + (0 if bias is None else np.abs(bias))).max())
         if bound > ACCUMULATOR_LIMIT:
-            return (f"the {node.op_type} with weights {name} can sum to {bound}, beyond its 32-bit accumulators' "
-                    f"{ACCUMULATOR_LIMIT}")
+            return (
+                f"the {node.op_type} with weights {name} can sum to {bound}, beyond its 32-bit accumulators' "
+                f"{ACCUMULATOR_LIMIT}"
+            )
     return None
 
 
@@ -92,7 +98,9 @@ def exposing(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     known = {output.name for output in copy.graph.output}
-    copy.graph.output.extend(helper.make_tensor_value_info(name, kind, None) for name, kind in names.items() if name not in known)
+    copy.graph.output.extend(
+        helper.make_tensor_value_info(name, kind, None) for name, kind in names.items() if name not in known
+    )
     return copy
 
 
@@ -118,9 +126,12 @@ def layer(model: onnx.ModelProto, target: str, boundary: set[str]) -> onnx.Model
     nodes.sort(key=lambda node: order[id(node)])
     used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(
-        nodes, target, [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in inputs],
+        nodes,
+        target,
+        [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in inputs],
         [helper.make_tensor_value_info(target, TensorProto.UNDEFINED, None)],
-        [stored[name] for name in sorted(used & stored.keys())])
+        [stored[name] for name in sorted(used & stored.keys())],
+    )
     return helper.make_model(graph, opset_imports=model.opset_import)
 
 
@@ -132,6 +143,7 @@ def reference_classes(model: onnx.ModelProto, pixels: np.ndarray) -> np.ndarray:
 class LayerCheck:
     """How far onnxruntime's layers are from their definitions: the most quantisation steps any quantised tensor
     differs by, and the largest difference of a float output, over the images checked."""
+
     steps: int
     float_difference: float
     problem: str | None
@@ -143,24 +155,31 @@ def check_layers(model: onnx.ModelProto, pixels: np.ndarray) -> LayerCheck:
     inputs, onnxruntime's own: within STEP_LIMIT quantisation step for every quantised tensor, and within
     FLOAT_LIMIT (relative) for the float outputs, or a problem saying which layer differs and by how much.
 
-    Why this is sound. A layer (DequantizeLinear, operator, QuantizeLinear) defines its uint8 output exactly from its
-    uint8 inputs: round(operator(dequantised inputs) / scale) + zero point. onnxruntime computes it with integer
+    Why this is sound. A layer (DequantizeLinear, operator, QuantizeLinear) defines its uint8 output exactly from
+    its uint8 inputs: round(operator(dequantised inputs) / scale) + zero point. onnxruntime computes it with integer
     sums and one float requantisation, the reference in float32 throughout; for the same inputs the two differ only
     by where a float32 rounding error (far below a step for these sums) tips a value across a rounding midpoint: one
     step at most. Anything a kernel gets wrong is larger: a saturated 16-bit pair sum is off by thousands of steps
-    before requantisation (126 of the output's 255 in tests/test_int8_any_cpu.py), an overflowed 32-bit sum by more. Because every layer is fed onnxruntime's inputs, not the reference's, the
-    one-step differences do not accumulate over depth as they do end to end, where ResNet-18's 20 layers move a
-    logit by up to 8 steps; so a deep network is judged as fairly as a shallow one, and a difference the kernels
-    make on any layer still shows, whatever the layers after it do. The bounds of weight_bound_problem say which
-    CPUs could differ; this check shows what this CPU's kernels computed.
+    before requantisation (126 of the output's 255 in tests/test_int8_any_cpu.py), an overflowed 32-bit sum by more.
+    Because every layer is fed onnxruntime's inputs, not the reference's, the one-step differences do not accumulate
+    over depth as they do end to end, where ResNet-18's 20 layers move a logit by up to 8 steps; so a deep network
+    is judged as fairly as a shallow one, and a difference the kernels make on any layer still shows, whatever the
+    layers after it do. The bounds of weight_bound_problem say which CPUs could differ; this check shows what this
+    CPU's kernels computed.
     """
     quantized = quantized_outputs(model)
     outputs = [output.name for output in model.graph.output]
     session = inference_session(exposing(model, quantized).SerializeToString())
     names = list(quantized) + [name for name in outputs if name not in quantized]
     starts = range(0, len(pixels), REFERENCE_BATCH)
-    computed = {name: np.concatenate(parts) for name, parts in zip(names, zip(
-        *(session.run(names, {INPUT_NAME: pixels[i : i + REFERENCE_BATCH]}) for i in starts)))}
+    computed = {
+        name: np.concatenate(parts)
+        for name, parts in zip(
+            names,
+            zip(*(session.run(names, {INPUT_NAME: pixels[i : i + REFERENCE_BATCH]}) for i in starts), strict=True),
+            strict=False,
+        )
+    }
     computed[INPUT_NAME] = pixels
     opset = max(REFERENCE_OPSET, next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
     boundary = set(quantized) | {INPUT_NAME}
@@ -172,20 +191,28 @@ def check_layers(model: onnx.ModelProto, pixels: np.ndarray) -> LayerCheck:
         part.opset_import.append(helper.make_opsetid("", opset))
         evaluator = ReferenceEvaluator(part)
         feeds = [graph_input.name for graph_input in part.graph.input]
-        expected = np.concatenate([evaluator.run([name], {f: computed[f][i : i + REFERENCE_BATCH] for f in feeds})[0]
-                                   for i in starts])
+        expected = np.concatenate(
+            [evaluator.run([name], {f: computed[f][i : i + REFERENCE_BATCH] for f in feeds})[0] for i in starts]
+        )
         ours = computed[name]
-        what = " then ".join(f"{node.op_type} {node.name}".strip() for node in part.graph.node
-                             if node.op_type not in ("QuantizeLinear", "DequantizeLinear")) or "QuantizeLinear"
+        what = (
+            " then ".join(
+                f"{node.op_type} {node.name}".strip()
+                for node in part.graph.node
+                if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            )
+            or "QuantizeLinear"
+        )
         if name in quantized:
             steps = np.abs(ours.astype(np.int64) - expected.astype(np.int64)).reshape(len(pixels), -1).max(1)
             worst.steps = max(worst.steps, int(steps.max()))
             if steps.max() > STEP_LIMIT and worst.problem is None:
                 worst.problem = (
                     f"onnxruntime on this CPU ({this_cpu().describe()}) computes {name} ({what}) up to "
-                    f"{int(steps.max())} quantisation steps away from onnx's reference evaluator given the same inputs, "
-                    f"on {int((steps > STEP_LIMIT).sum())} of {len(pixels)} images checked (float32 rounding accounts "
-                    f"for {STEP_LIMIT} at most)")
+                    f"{int(steps.max())} quantisation steps away from onnx's reference evaluator given the same "
+                    f"inputs, on {int((steps > STEP_LIMIT).sum())} of {len(pixels)} images checked "
+                    f"(float32 rounding accounts for {STEP_LIMIT} at most)"
+                )
         else:
             scale = np.maximum(1.0, np.abs(expected)).reshape(len(pixels), -1)
             relative = (np.abs(ours - expected).reshape(len(pixels), -1) / scale).max(1)
@@ -194,7 +221,9 @@ def check_layers(model: onnx.ModelProto, pixels: np.ndarray) -> LayerCheck:
                 worst.problem = (
                     f"onnxruntime on this CPU ({this_cpu().describe()}) computes {name} ({what}) up to "
                     f"{float(relative.max()):.2g} (relative) away from onnx's reference evaluator given the same "
-                    f"inputs, on {int((relative > FLOAT_LIMIT).sum())} of {len(pixels)} images checked (limit {FLOAT_LIMIT})")
+                    f"inputs, on {int((relative > FLOAT_LIMIT).sum())} of {len(pixels)} images checked "
+                    f"(limit {FLOAT_LIMIT})"
+                )
     worst.logits = computed.get(LOGITS)
     return worst
 
@@ -212,10 +241,14 @@ def compare_with_reference(model: onnx.ModelProto, pixels: np.ndarray, logits: n
         # The layers were read from a session that outputs them too; the check speaks for the client's session only
         # if onnxruntime computed the same there, bit for bit.
         differ = int((layers.logits != logits).any(1).sum())
-        return {}, (f"onnxruntime's logits change when its layers are read out, on {differ} of {len(pixels)} images, "
-                    f"by up to {float(np.abs(layers.logits - logits).max()):.3g}")
-    figures = {"int8_reference_agreement": round(float((logits.argmax(1) == reference_classes(model, pixels)).mean()), 4),
-               "int8_layer_max_steps": layers.steps}
+        return {}, (
+            f"onnxruntime's logits change when its layers are read out, on {differ} of {len(pixels)} images, "
+            f"by up to {float(np.abs(layers.logits - logits).max()):.3g}"
+        )
+    figures = {
+        "int8_reference_agreement": round(float((logits.argmax(1) == reference_classes(model, pixels)).mean()), 4),
+        "int8_layer_max_steps": layers.steps,
+    }
     return figures, layers.problem
 
 
@@ -230,8 +263,15 @@ def images_allowed(limit: float, total: int) -> int:
     return math.floor(Fraction(repr(limit)) * total)
 
 
-def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray, pixels: np.ndarray,
-               params: ExportParams, not_written: str) -> tuple[dict, dict]:
+def check_int8(
+    path: Path,
+    logits: np.ndarray,
+    fp32_logits: np.ndarray,
+    labels: np.ndarray,
+    pixels: np.ndarray,
+    params: ExportParams,
+    not_written: str,
+) -> tuple[dict, dict]:
     """The int8 model's headline metrics and the reference check's details, once the int8 model gets at most
     export.int8_max_accuracy_drop of the test images fewer right than the fp32 model, its weights are within the
     bounds, and each of its layers in onnxruntime computes what the reference evaluator does from the same inputs on
@@ -248,7 +288,9 @@ def check_int8(path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: 
     try:
         figures, problem = compare_with_reference(onnx.load(path), pixels[sample], logits[sample])
     except Exception as error:  # onnx's converter and evaluator raise whatever their operators raise
-        raise PipelineError(f"onnx's reference evaluator cannot run the int8 model ({gist(error)}); {not_written}") from None
+        raise PipelineError(
+            f"onnx's reference evaluator cannot run the int8 model ({gist(error)}); {not_written}"
+        ) from None
     if problem:
         raise PipelineError(f"the int8 model failed its check against its definition: {problem}; {not_written}")
     metrics = {

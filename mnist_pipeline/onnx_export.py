@@ -1,4 +1,4 @@
-"""ONNX export: the model as one self-contained file that takes raw pixels, and its int8 copy quantised by onnxruntime."""
+"""ONNX export: the model as one self-contained file that takes raw pixels, and its int8 copy from onnxruntime."""
 
 import tempfile
 import warnings
@@ -14,7 +14,6 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.int8_input import read_raw_pixels
 from mnist_pipeline.model import PixelClassifier
 from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, PROBABILITIES
-
 
 
 class WithProbabilities(nn.Module):
@@ -65,7 +64,9 @@ def export_onnx(model: PixelClassifier, path: Path, opset: int, image_size: int,
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def check_fp32(logits: np.ndarray, probabilities: np.ndarray, reference: torch.Tensor, tolerance: float, not_written: str) -> dict:
+def check_fp32(
+    logits: np.ndarray, probabilities: np.ndarray, reference: torch.Tensor, tolerance: float, not_written: str
+) -> dict:
     """How far onnxruntime's outputs for the exported file are from PyTorch's `reference` logits, once within
     `tolerance` with every predicted class the same; else a PipelineError ending with `not_written`."""
     max_abs_diff = float(np.abs(logits - reference.numpy()).max())
@@ -77,7 +78,10 @@ def check_fp32(logits: np.ndarray, probabilities: np.ndarray, reference: torch.T
             f"max |probability difference| {probabilities_diff:.2e} (export.tolerance = {tolerance}), "
             f"{mismatched} different predicted classes; {not_written}"
         )
-    return {"max_abs_diff": float(f"{max_abs_diff:.3g}"), "probabilities_max_abs_diff": float(f"{probabilities_diff:.3g}")}
+    return {
+        "max_abs_diff": float(f"{max_abs_diff:.3g}"),
+        "probabilities_max_abs_diff": float(f"{probabilities_diff:.3g}"),
+    }
 
 
 class CalibrationImages(CalibrationDataReader):
@@ -136,7 +140,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, raw
     fp32, int8 = onnx.load(fp32_path), onnx.load(int8_path)
     if raw_pixels:
         read_raw_pixels(int8)
-    int8.doc_string = fp32.doc_string + " Activations quantised to 8 bits, weights to 7 (the same answers on every CPU)."
+    int8.doc_string = (
+        fp32.doc_string + " Activations quantised to 8 bits, weights to 7 (the same answers on every CPU)."
+    )
     onnx.helper.set_model_props(int8, {p.key: p.value for p in fp32.metadata_props})
     onnx.checker.check_model(int8)
     onnx.save_model(int8, int8_path)

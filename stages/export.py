@@ -1,4 +1,4 @@
-"""Stage 6, export: the model as one self-contained ONNX file that takes raw pixels, verified against PyTorch, and its int8 copy."""
+"""Stage 6, export: the model as one ONNX file that takes raw pixels, verified against PyTorch, and its int8 copy."""
 
 from pathlib import Path
 
@@ -52,13 +52,21 @@ def main() -> None:
             except Exception as error:  # onnxruntime's quantisation tools raise whatever their steps raise
                 if disk_fault(error):
                     raise  # a full disk is no quantisation problem: run_stage names the file
-                raise PipelineError(f"onnxruntime cannot quantise the model to int8 ({gist(error)}); {not_written}") from None
+                raise PipelineError(
+                    f"onnxruntime cannot quantise the model to int8 ({gist(error)}); {not_written}"
+                ) from None
             int8, int8_details = check_int8(temp_int8, int8_logits, exported, labels, pixels, params, not_written)
             size, int8_size = temp.stat().st_size, temp_int8.stat().st_size
 
     metrics = {"accuracy": round(float((exported.argmax(1) == labels).mean()), 4), **int8}
-    details = {**differences, "size_bytes": size, "int8_size_bytes": int8_size, "test_images": len(labels),
-               "calibration_images": len(calibration), **int8_details}
+    details = {
+        **differences,
+        "size_bytes": size,
+        "int8_size_bytes": int8_size,
+        "test_images": len(labels),
+        "calibration_images": len(calibration),
+        **int8_details,
+    }
     write_json(DETAILS_FILE, details)
     write_json(METRICS_FILE, metrics)  # last: a failed run leaves the last complete pair
     print(
@@ -67,7 +75,8 @@ def main() -> None:
         f"{INT8_FILE}: {int8_size / 1024:.0f} KiB, test accuracy {metrics['int8_accuracy']:.4f}, "
         f"same class as fp32 for {metrics['int8_agreement']:.2%} of the test images; each layer within "
         f"{details['int8_layer_max_steps']} quantisation step of onnx's reference evaluator on the "
-        f"{details['int8_reference_images']} checked, whose class it gives for {details['int8_reference_agreement']:.2%}"
+        f"{details['int8_reference_images']} checked, whose class it gives for "
+        f"{details['int8_reference_agreement']:.2%}"
     )
 
 

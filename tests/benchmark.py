@@ -50,7 +50,12 @@ from stages import train  # noqa: E402
 
 # The recipes it times, FAST and BEST, come from mnist_pipeline.presets, as `mnist-seeds` and the docs take them.
 # FAST trains in the fastest honest precision for the machine (fastest_precision).
-TORCHVISION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+TORCHVISION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 class TutorialCNN(nn.Module):
@@ -137,7 +142,9 @@ def gemm_gflops(device: torch.device) -> dict[str, float]:
             torch.backends.cuda.matmul.allow_tf32 = strict
     if device.type == "cpu":
         conv = nn.Conv2d(2048, 2048, 1, bias=False).to(memory_format=torch.channels_last)
-        x = torch.randn(32, 2048, 16, 16).contiguous(memory_format=torch.channels_last)  # an 8192x2048 by 2048x2048 GEMM
+        x = torch.randn(32, 2048, 16, 16).contiguous(
+            memory_format=torch.channels_last
+        )  # an 8192x2048 by 2048x2048 GEMM
         with torch.no_grad():
             rates["oneDNN"] = gflops_of(lambda: conv(x), 2 * 8192 * 2048 * 2048)
     return rates
@@ -166,7 +173,7 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
         raw = Path(root) / "MNIST" / "raw"
         raw.mkdir(parents=True)
         # torchvision reads the decompressed files from <root>/MNIST/raw, by MNIST's names
-        for name, mnist_name in zip(load_params().dataset.files(), TORCHVISION_MNIST_FILES):
+        for name, mnist_name in zip(load_params().dataset.files(), TORCHVISION_MNIST_FILES, strict=True):
             (raw / mnist_name).write_bytes(gzip.decompress((Path("data/raw") / name).read_bytes()))
         to_tensor = torchvision.transforms.ToTensor()
         trainset = torchvision.datasets.MNIST(root, train=True, download=False, transform=to_tensor)
@@ -190,8 +197,15 @@ def reference_loop(epochs: int = 5) -> TrainingRun:
             accuracy = accuracy_on(model, test_images, testset.targets)  # off the clock
             if time_to_99 is None and accuracy >= 0.99:
                 time_to_99 = seconds
-    return TrainingRun("reference loop: 5 epochs", seconds, seconds, epochs * len(trainset), accuracy, time_to_99,
-                       flops_per_training_image(TutorialCNN()))
+    return TrainingRun(
+        "reference loop: 5 epochs",
+        seconds,
+        seconds,
+        epochs * len(trainset),
+        accuracy,
+        time_to_99,
+        flops_per_training_image(TutorialCNN()),
+    )
 
 
 def fastest_precision(device: torch.device) -> tuple[str, str, str]:
@@ -201,7 +215,11 @@ def fastest_precision(device: torch.device) -> tuple[str, str, str]:
         return name, "auto", f"CUDA {'has' if name == 'bf16' else 'lacks'} bf16"
     if this_cpu().native_bf16:
         return "bf16", "always", "this CPU computes bf16 natively"
-    return "fp32", "never", "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, several times slower"
+    return (
+        "fp32",
+        "never",
+        "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, several times slower",
+    )
 
 
 def print_machine(params, device: torch.device, threads: int) -> tuple[str, str]:
@@ -209,7 +227,10 @@ def print_machine(params, device: torch.device, threads: int) -> tuple[str, str]
     recipe trains in here, which it returns with its train.mixed_precision setting."""
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
     precision, setting, why = fastest_precision(device)
-    print(f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} CPUs{gpu}")
+    print(
+        f"torch {torch.__version__}, {threads} threads (train.threads = {params.train.threads}), {os.cpu_count()} "
+        f"CPUs{gpu}"
+    )
     print(f"CPU: {this_cpu().describe()}")
     print(f"fast recipe's precision: {precision} (train.mixed_precision: {setting}), as {why}\n")
     return precision, setting
@@ -219,7 +240,11 @@ def with_overrides(params, overrides: dict):
     """params.yaml's params with some keys of the model and train sections replaced: model.arch, and the keys of a
     model group given as a mapping ({"cnn": {"dropout": 0.0}})."""
     model = overrides.get("model", {})
-    groups = {name: getattr(params.model, name).model_copy(update=keys) for name, keys in model.items() if isinstance(keys, dict)}
+    groups = {
+        name: getattr(params.model, name).model_copy(update=keys)
+        for name, keys in model.items()
+        if isinstance(keys, dict)
+    }
     return params.model_copy(
         update={
             "model": params.model.model_copy(update={**model, **groups}),
@@ -248,12 +273,21 @@ def timed_training(name: str, params, cache_features: bool = True) -> TrainingRu
     seconds = time.perf_counter() - started - off_clock
     images_seen = load_meta()["counts"]["train"] * params.train.epochs
     flops = flops_per_training_image(build_model(architecture, 0.0, 1.0), architecture["image_size"])
-    return TrainingRun(name, seconds, step_seconds, images_seen, accuracy_on(model, test_pixels, test_labels),
-                       time_to_99, flops, steps_to_99)
+    return TrainingRun(
+        name,
+        seconds,
+        step_seconds,
+        images_seen,
+        accuracy_on(model, test_pixels, test_labels),
+        time_to_99,
+        flops,
+        steps_to_99,
+    )
 
 
 # ResNet-18 recipes small enough for a CPU: 32x32 inputs, three epochs, and no shifts, so that a frozen backbone's
-# features are computed once; the CNN trains with the same settings. "imagenet" is whatever file data/pretrained/ holds for the weights section of params.yaml.
+# features are computed once; the CNN trains with the same settings. "imagenet" is whatever file data/pretrained/
+# holds for the weights section of params.yaml.
 TRANSFER_TRAIN = {"epochs": 3, "shift_pixels": 0}
 RESNET = {"input_size": 32}
 TRANSFER = {
@@ -274,8 +308,10 @@ def transfer_learning(params, device: str) -> None:
         if model_overrides["pretrained"] != "none" and not weights.exists():
             report(name, f"skipped: no {weights} (dvc repro pretrained, with model.resnet18.pretrained: imagenet)")
             continue
-        transfer_params = with_overrides(params, {"model": {"arch": "resnet18", "resnet18": model_overrides},
-                                                  "train": {**TRANSFER_TRAIN, "device": device}})
+        transfer_params = with_overrides(
+            params,
+            {"model": {"arch": "resnet18", "resnet18": model_overrides}, "train": {**TRANSFER_TRAIN, "device": device}},
+        )
         runs.append(timed_training(name, transfer_params, cache_features=cache))
     print(f"\n{'transfer learning':<36} {'epochs':>6} {'seconds':>8} {'s/epoch':>8} {'test acc':>9}")
     for run in runs:
@@ -285,8 +321,12 @@ def transfer_learning(params, device: str) -> None:
     by_name = {run.name: run for run in runs}
     cached, uncached = by_name.get("ResNet-18 frozen, features cached"), by_name.get("ResNet-18 frozen, not cached")
     if cached and uncached:
-        report("frozen backbone, features computed once", f"{uncached.seconds / cached.seconds:.1f}x faster "
-               f"({uncached.seconds:.1f} s -> {cached.seconds:.1f} s); epochs {uncached.step_seconds / cached.step_seconds:.0f}x")
+        report(
+            "frozen backbone, features computed once",
+            f"{uncached.seconds / cached.seconds:.1f}x faster "
+            f"({uncached.seconds:.1f} s -> {cached.seconds:.1f} s); epochs "
+            f"{uncached.step_seconds / cached.step_seconds:.0f}x",
+        )
 
 
 def best_images_per_second(runtimes: dict, pixels: np.ndarray, rounds: int = 7, repeats: int = 10) -> dict[str, float]:
@@ -304,8 +344,10 @@ def best_images_per_second(runtimes: dict, pixels: np.ndarray, rounds: int = 7, 
 
 
 # Each onnxruntime model against its fairest opponent, and the speed-up aimed for at batch 1000.
-OPPONENTS = {"onnxruntime fp32": ("PyTorch eager, channels-last", "channels-last eager", 2.0),
-             "onnxruntime int8": ("onnxruntime fp32", "fp32", 1.5)}
+OPPONENTS = {
+    "onnxruntime fp32": ("PyTorch eager, channels-last", "channels-last eager", 2.0),
+    "onnxruntime int8": ("onnxruntime fp32", "fp32", 1.5),
+}
 
 
 def inference(rounds: int = 7) -> dict[str, str]:
@@ -328,14 +370,27 @@ def inference(rounds: int = 7) -> dict[str, str]:
 
     with tempfile.TemporaryDirectory() as folder:
         fp32_path, int8_path = Path(folder) / "model.onnx", Path(folder) / "model.int8.onnx"
-        export_onnx(export_form(model, checkpoint["architecture"]), fp32_path, params.opset, images.shape[1], checkpoint["class_names"])
-        quantize_int8(fp32_path, int8_path, calibration_sample(load_split("train")[0], params.calibration_images, params.seed))
-        sessions = {name: inference_session(path, torch.get_num_threads()) for name, path in
-                    [("onnxruntime fp32", fp32_path), ("onnxruntime int8", int8_path)]}
+        export_onnx(
+            export_form(model, checkpoint["architecture"]),
+            fp32_path,
+            params.opset,
+            images.shape[1],
+            checkpoint["class_names"],
+        )
+        quantize_int8(
+            fp32_path, int8_path, calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
+        )
+        sessions = {
+            name: inference_session(path, torch.get_num_threads())
+            for name, path in [("onnxruntime fp32", fp32_path), ("onnxruntime int8", int8_path)]
+        }
         runtimes = {
             "PyTorch eager, as loaded": eager(model),
             "PyTorch eager, channels-last": eager(channels_last),
-            **{name: (lambda batch, s=session: s.run(["logits"], {"pixels": batch})[0]) for name, session in sessions.items()},
+            **{
+                name: (lambda batch, s=session: s.run(["logits"], {"pixels": batch})[0])
+                for name, session in sessions.items()
+            },
         }
         ratios = {}
         for batch, repeats in [(1000, 10), (1, 500)]:
@@ -348,8 +403,11 @@ def inference(rounds: int = 7) -> dict[str, str]:
                 opponent, short_name, target = OPPONENTS[name]
                 ratio = rate / rates[opponent]
                 ratios.setdefault(name, ratio)  # batch 1000's, measured first
-                report(f"batch {batch}: {name}", f"{speed} = {ratio:.1f}x {short_name}",
-                       *((f">= {target}x", ratio >= target) if batch > 1 else ()))
+                report(
+                    f"batch {batch}: {name}",
+                    f"{speed} = {ratio:.1f}x {short_name}",
+                    *((f">= {target}x", ratio >= target) if batch > 1 else ()),
+                )
     return {"ort_speedup": f"{ratios['onnxruntime fp32']:.1f}", "int8_speedup": f"{ratios['onnxruntime int8']:.1f}"}
 
 
@@ -364,7 +422,13 @@ def int8_steps(rounds: int = 7) -> dict[str, str]:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
         fp32_path = Path(folder) / "model.onnx"
-        export_onnx(export_form(model, checkpoint["architecture"]), fp32_path, params.opset, images.shape[1], checkpoint["class_names"])
+        export_onnx(
+            export_form(model, checkpoint["architecture"]),
+            fp32_path,
+            params.opset,
+            images.shape[1],
+            checkpoint["class_names"],
+        )
         calibration = calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
         files = {}
         for name, raw in [("plain", False), ("raw", True)]:
@@ -375,13 +439,28 @@ def int8_steps(rounds: int = 7) -> dict[str, str]:
             "fp32": inference_session(fp32_path, threads),
             "int8, QDQ as quantize_static writes it": inference_session(files["plain"], threads),
             "+ raw uint8 pixels into the first conv": inference_session(files["raw"], threads),
-            "(tried) + QDQPropagationTransformer off": inference_session(files["raw"], threads, ("QDQPropagationTransformer",)),
+            "(tried) + QDQPropagationTransformer off": inference_session(
+                files["raw"], threads, ("QDQPropagationTransformer",)
+            ),
         }
         exported = "+ raw uint8 pixels into the first conv"
-        accuracy = {name: float((np.concatenate([session.run(["logits"], {"pixels": images[i : i + 1000, None]})[0]
-                                                 for i in range(0, len(images), 1000)]).argmax(1) == labels).mean())
-                    for name, session in steps.items()}
-        runtimes = {name: (lambda batch, s=session: s.run(["logits"], {"pixels": batch})[0]) for name, session in steps.items()}
+        accuracy = {
+            name: float(
+                (
+                    np.concatenate(
+                        [
+                            session.run(["logits"], {"pixels": images[i : i + 1000, None]})[0]
+                            for i in range(0, len(images), 1000)
+                        ]
+                    ).argmax(1)
+                    == labels
+                ).mean()
+            )
+            for name, session in steps.items()
+        }
+        runtimes = {
+            name: (lambda batch, s=session: s.run(["logits"], {"pixels": batch})[0]) for name, session in steps.items()
+        }
         summary = {}
         for batch, repeats in [(1000, 10), (1, 500)]:
             rates = best_images_per_second(runtimes, pixels[:batch], rounds, repeats)
@@ -390,8 +469,11 @@ def int8_steps(rounds: int = 7) -> dict[str, str]:
                 speed = f"{rate:,.0f} images/s" if batch > 1 else f"{1000 / rate:.3f} ms per image"
                 bought = f", {rate / rates[previous]:.2f}x the step before" if previous not in (None, "fp32") else ""
                 target = (1.5 if batch > 1 else 1.0) if name == exported else None
-                report(f"batch {batch}: {name}", f"{speed} = {rate / rates['fp32']:.2f}x fp32{bought}",
-                       *((f">= {target}x", rate / rates["fp32"] >= target) if target else ()))
+                report(
+                    f"batch {batch}: {name}",
+                    f"{speed} = {rate / rates['fp32']:.2f}x fp32{bought}",
+                    *((f">= {target}x", rate / rates["fp32"] >= target) if target else ()),
+                )
                 previous = name
             summary[f"int8_speedup_{batch}"] = f"{rates[exported] / rates['fp32']:.2f}"
         for name, value in accuracy.items():
@@ -424,7 +506,11 @@ def run_preprocess(folder: Path) -> float:
 
 
 def pipeline_overhead() -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     status = subprocess.run(["dvc", "status", "--quiet"], env=env)
     if status.returncode != 0:
         report("no-op dvc repro", "skipped: the pipeline is not up to date (run dvc repro first)")
@@ -455,8 +541,10 @@ ANCHOR_SECONDS, GPU_GOAL_SECONDS = 0.76, 0.25
 
 
 def spread(values: list[float]) -> str:
-    return (f"mean {statistics.mean(values):.4f}, sd {statistics.pstdev(values):.4f}, "
-            f"min {min(values):.4f}, max {max(values):.4f}, n {len(values)}")
+    return (
+        f"mean {statistics.mean(values):.4f}, sd {statistics.pstdev(values):.4f}, "
+        f"min {min(values):.4f}, max {max(values):.4f}, n {len(values)}"
+    )
 
 
 def fast_recipe_over_seeds(fast_params, seeds: int) -> dict[str, str]:
@@ -464,42 +552,80 @@ def fast_recipe_over_seeds(fast_params, seeds: int) -> dict[str, str]:
     device, a warm-up run excluded (CUDA's start, cuDNN's first choices), the optimisation steps timed apart from
     the set-up (data, model, CUDA graphs' capture or compilation) and from validation, seed by seed; the median."""
     timed_training("warm-up", with_overrides(fast_params, {"train": {"seed": 10_000}}))
-    runs = [timed_training(f"seed {seed}", with_overrides(fast_params, {"train": {"seed": seed}})) for seed in range(seeds)]
+    runs = [
+        timed_training(f"seed {seed}", with_overrides(fast_params, {"train": {"seed": seed}})) for seed in range(seeds)
+    ]
     graphed = fast_params.train.device == "cuda" and fast_params.train.cuda_graphs
-    eager = [timed_training("seed 0, eager steps", with_overrides(fast_params, {"train": {"seed": 0, "cuda_graphs": False}}))] if graphed else []
+    eager = (
+        [
+            timed_training(
+                "seed 0, eager steps", with_overrides(fast_params, {"train": {"seed": 0, "cuda_graphs": False}})
+            )
+        ]
+        if graphed
+        else []
+    )
     if fast_params.train.device == "cuda":  # torch.compile: its compilation is in the set-up column
         try:
-            eager.append(timed_training("seed 0, torch.compile", with_overrides(fast_params, {"train": {"seed": 0, "compile": True}})))
+            eager.append(
+                timed_training(
+                    "seed 0, torch.compile", with_overrides(fast_params, {"train": {"seed": 0, "compile": True}})
+                )
+            )
         except Exception as error:  # Triton or a C compiler missing: a finding, not the end of the benchmark
             report("fast recipe, torch.compile", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
     print(f"\n{'fast recipe':<22} {'test acc':>9} {'to 99.0%':>9} {'steps':>8} {'set-up':>8}")
     for run in [*runs, *eager]:
         to_99 = f"{run.steps_to_99:.3f}s" if run.steps_to_99 is not None else "never"
         print(f"{run.name:<22} {run.accuracy:>9.4f} {to_99:>9} {run.step_seconds:>7.3f}s {run.setup_seconds():>7.2f}s")
-    print("to 99.0%: the steps' seconds until an epoch first ended at >= 99.0% test accuracy; steps: all epochs' steps; "
-          "set-up: the rest of the run\n(data onto the device, model, graph capture, validation).\n")
+    print(
+        "to 99.0%: the steps' seconds until an epoch first ended at >= 99.0% test accuracy; steps: all epochs' steps; "
+        "set-up: the rest of the run\n(data onto the device, model, graph capture, validation).\n"
+    )
     reached = [run.steps_to_99 for run in runs if run.steps_to_99 is not None]
     median = statistics.median([run.steps_to_99 if run.steps_to_99 is not None else math.inf for run in runs])
     accuracies = [run.accuracy for run in runs]
     report("fast recipe's test accuracy", spread(accuracies), ">= 0.9900 mean", statistics.mean(accuracies) >= 0.99)
-    report("fast recipe's time to 99.0%, median", f"{median:.3f} s ({len(reached)} of {seeds} seeds reached 99.0%)",
-           f"<= {GPU_GOAL_SECONDS} s", median <= GPU_GOAL_SECONDS)
-    report("  against the anchor's 0.76 s", f"{ANCHOR_SECONDS / median:.1f}x as fast" if reached else "not comparable: no seed reached 99.0%",
-           "tuomaso/train_mnist_fast on a GTX 1660 Ti")
+    report(
+        "fast recipe's time to 99.0%, median",
+        f"{median:.3f} s ({len(reached)} of {seeds} seeds reached 99.0%)",
+        f"<= {GPU_GOAL_SECONDS} s",
+        median <= GPU_GOAL_SECONDS,
+    )
+    report(
+        "  against the anchor's 0.76 s",
+        f"{ANCHOR_SECONDS / median:.1f}x as fast" if reached else "not comparable: no seed reached 99.0%",
+        "tuomaso/train_mnist_fast on a GTX 1660 Ti",
+    )
     if eager:
-        report("  CUDA graphs against eager steps", f"{eager[0].step_seconds / runs[0].step_seconds:.1f}x the speed "
-               f"({eager[0].step_seconds:.3f} s -> {runs[0].step_seconds:.3f} s of steps, seed 0)")
-    return {"fast_mean_accuracy": f"{statistics.mean(accuracies):.4f}", "fast_time_to_99_s": f"{median:.3f}",
-            "fast_seeds_at_99": f"{len(reached)}/{seeds}", **({"anchor_ratio": f"{ANCHOR_SECONDS / median:.1f}"} if reached else {})}
+        report(
+            "  CUDA graphs against eager steps",
+            f"{eager[0].step_seconds / runs[0].step_seconds:.1f}x the speed "
+            f"({eager[0].step_seconds:.3f} s -> {runs[0].step_seconds:.3f} s of steps, seed 0)",
+        )
+    return {
+        "fast_mean_accuracy": f"{statistics.mean(accuracies):.4f}",
+        "fast_time_to_99_s": f"{median:.3f}",
+        "fast_seeds_at_99": f"{len(reached)}/{seeds}",
+        **({"anchor_ratio": f"{ANCHOR_SECONDS / median:.1f}"} if reached else {}),
+    }
 
 
 def resnet_epoch(params, device: str, size: int) -> dict[str, str]:
     """ResNet-18 from scratch for one epoch at size x size inputs, params.yaml's train settings otherwise."""
-    recipe = with_overrides(params, {"model": {"arch": "resnet18", "resnet18": {"input_size": size, "pretrained": "none", "freeze": False}},
-                                     "train": {"epochs": 1, "device": device}})
+    recipe = with_overrides(
+        params,
+        {
+            "model": {"arch": "resnet18", "resnet18": {"input_size": size, "pretrained": "none", "freeze": False}},
+            "train": {"epochs": 1, "device": device},
+        },
+    )
     run = timed_training(f"ResNet-18 at {size}x{size}", recipe)
-    report(f"ResNet-18 at {size}x{size}, 1 epoch", f"{run.step_seconds:.1f} s of steps, {run.images / run.step_seconds:,.0f} images/s, "
-           f"{run.gflops() / 1000:.1f} TFLOP/s; test accuracy {run.accuracy:.4f}; whole run {run.seconds:.1f} s")
+    report(
+        f"ResNet-18 at {size}x{size}, 1 epoch",
+        f"{run.step_seconds:.1f} s of steps, {run.images / run.step_seconds:,.0f} images/s, "
+        f"{run.gflops() / 1000:.1f} TFLOP/s; test accuracy {run.accuracy:.4f}; whole run {run.seconds:.1f} s",
+    )
     return {"resnet_images_per_s": f"{run.images / run.step_seconds:.0f}", "resnet_accuracy": f"{run.accuracy:.4f}"}
 
 
@@ -551,8 +677,11 @@ class AllReduceTimer:
     def take(self) -> dict:
         """The totals since the last take."""
         spans = getattr(self, "spans", [])
-        totals = {"seconds": sum(self.clock.seconds(*span) for span in spans), "calls": getattr(self, "calls", 0),
-                  "bytes": getattr(self, "bytes", 0)}
+        totals = {
+            "seconds": sum(self.clock.seconds(*span) for span in spans),
+            "calls": getattr(self, "calls", 0),
+            "bytes": getattr(self, "bytes", 0),
+        }
         self.spans, self.calls, self.bytes = [], 0, 0
         return totals
 
@@ -567,7 +696,9 @@ def timed_worker(params, worker: Worker) -> dict:
         Worker.wrap = lambda self, module: with_comm_hook(wrap(self, module), timer)
     epochs = []
     with contextlib.redirect_stdout(io.StringIO()):  # the table is the output
-        train.train(params, worker, lambda result, model: epochs.append({"seconds": result["seconds"], "reduce": timer.take()}))
+        train.train(
+            params, worker, lambda result, model: epochs.append({"seconds": result["seconds"], "reduce": timer.take()})
+        )
     return {"threads": torch.get_num_threads(), "epochs": epochs}
 
 
@@ -597,14 +728,29 @@ def data_parallel(params, device: torch.device) -> dict[str, str]:
     recipe = with_overrides(params, {"train": {"epochs": DATA_PARALLEL_EPOCHS, "device": device.type}})
     several = torch.cuda.device_count() if device.type == "cuda" else 2
     backend = "nccl" if device.type == "cuda" else "gloo"
-    runs = {"1 process, no DDP": ("plain", 1, lambda: launch(timed_worker, with_overrides(recipe, {"train": {"processes": 1}}))),
-            f"1 process, DDP ({backend})": ("ddp_1", 1, lambda: start_workers(timed_worker, recipe, 1))}
+    runs = {
+        "1 process, no DDP": (
+            "plain",
+            1,
+            lambda: launch(timed_worker, with_overrides(recipe, {"train": {"processes": 1}})),
+        ),
+        f"1 process, DDP ({backend})": ("ddp_1", 1, lambda: start_workers(timed_worker, recipe, 1)),
+    }
     if several > 1:
-        runs[f"{several} processes, DDP ({backend})"] = (f"ddp_{several}", several, lambda: start_workers(timed_worker, recipe, several))
-    print(f"data parallel on {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}: "
-          f"{DATA_PARALLEL_ROUNDS} runs of {DATA_PARALLEL_EPOCHS} epochs of params.yaml's recipe each, the best epoch's figures")
-    print(f"{'run':<26} {'threads':>7} {'s/epoch':>8} {'images/s':>9} {'all-reduce':>10} {'of epoch':>8} {'calls':>6} "
-          f"{'MB':>6} {'whole run':>9}")
+        runs[f"{several} processes, DDP ({backend})"] = (
+            f"ddp_{several}",
+            several,
+            lambda: start_workers(timed_worker, recipe, several),
+        )
+    print(
+        f"data parallel on {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}: "
+        f"{DATA_PARALLEL_ROUNDS} runs of {DATA_PARALLEL_EPOCHS} epochs of params.yaml's recipe each, the best "
+        "epoch's figures"
+    )
+    print(
+        f"{'run':<26} {'threads':>7} {'s/epoch':>8} {'images/s':>9} {'all-reduce':>10} {'of epoch':>8} {'calls':>6} "
+        f"{'MB':>6} {'whole run':>9}"
+    )
     results = {name: [] for name in runs}
     for _ in range(DATA_PARALLEL_ROUNDS):
         for name, (_, _, run) in runs.items():
@@ -612,17 +758,31 @@ def data_parallel(params, device: torch.device) -> dict[str, str]:
             results[name].append({**run(), "whole": time.perf_counter() - started})
     images, summary = load_meta()["counts"]["train"], {}
     for name, (key, processes, _) in runs.items():
-        epoch = min((epoch for result in results[name] for epoch in result["epochs"]), key=lambda epoch: epoch["seconds"])
+        epoch = min(
+            (epoch for result in results[name] for epoch in result["epochs"]), key=lambda epoch: epoch["seconds"]
+        )
         whole, threads = min(result["whole"] for result in results[name]), results[name][0]["threads"]
         reduce, summary[f"{key}_images_per_s"] = epoch["reduce"], f"{images / epoch['seconds']:.0f}"
-        reduced = (f"{reduce['seconds']:>9.2f}s {reduce['seconds'] / epoch['seconds']:>8.0%} {reduce['calls']:>6} "
-                   f"{reduce['bytes'] / 1e6:>6.1f}") if reduce["calls"] else f"{'-':>10} {'-':>8} {'-':>6} {'-':>6}"
+        reduced = (
+            (
+                f"{reduce['seconds']:>9.2f}s {reduce['seconds'] / epoch['seconds']:>8.0%} {reduce['calls']:>6} "
+                f"{reduce['bytes'] / 1e6:>6.1f}"
+            )
+            if reduce["calls"]
+            else f"{'-':>10} {'-':>8} {'-':>6} {'-':>6}"
+        )
         if reduce["calls"]:
             summary[f"{key}_allreduce_share"] = f"{reduce['seconds'] / epoch['seconds']:.2f}"
-        print(f"{name:<26} {f'{processes}x{threads}':>7} {epoch['seconds']:>8.2f} {images / epoch['seconds']:>9,.0f} {reduced} {whole:>8.1f}s", flush=True)
-    print("threads: processes x CPU threads each; all-reduce: from each gradient bucket's start to the end of its "
-          "all-reduce, summed\n(the wait for the other workers included; it overlaps the backward pass); whole run: "
-          "the shortest, the workers' start included.\n")
+        print(
+            f"{name:<26} {f'{processes}x{threads}':>7} {epoch['seconds']:>8.2f} {images / epoch['seconds']:>9,.0f} "
+            f"{reduced} {whole:>8.1f}s",
+            flush=True,
+        )
+    print(
+        "threads: processes x CPU threads each; all-reduce: from each gradient bucket's start to the end of its "
+        "all-reduce, summed\n(the wait for the other workers included; it overlaps the backward pass); whole run: "
+        "the shortest, the workers' start included.\n"
+    )
     return summary
 
 
@@ -632,14 +792,22 @@ def best_preset_over_seeds(params, device: str, seeds: int, epochs: int | None) 
     runs = [best_preset(with_overrides(params, {"train": {"seed": seed}}), device, epochs) for seed in range(seeds)]
     for seed, run in enumerate(runs):
         epochs_run = run.images // load_meta()["counts"]["train"]
-        print(f"best preset, seed {seed}: {run.seconds:.0f} s ({run.step_seconds / epochs_run:.2f} s/epoch), test accuracy {run.accuracy:.4f}")
+        print(
+            f"best preset, seed {seed}: {run.seconds:.0f} s ({run.step_seconds / epochs_run:.2f} s/epoch), test "
+            f"accuracy {run.accuracy:.4f}"
+        )
     accuracies = [run.accuracy for run in runs]
     report("best preset", f"{spread(accuracies)}; {max(run.seconds for run in runs):.0f} s at most")
-    return {"best_accuracy": f"{statistics.mean(accuracies):.4f}", "best_seconds": f"{max(run.seconds for run in runs):.0f}"}
+    return {
+        "best_accuracy": f"{statistics.mean(accuracies):.4f}",
+        "best_seconds": f"{max(run.seconds for run in runs):.0f}",
+    }
 
 
 def seeds_and_best(params, args, precision_setting: str) -> dict[str, str]:
-    fast_params = with_overrides(params, {**FAST, "train": {**FAST["train"], "device": args.device, "mixed_precision": precision_setting}})
+    fast_params = with_overrides(
+        params, {**FAST, "train": {**FAST["train"], "device": args.device, "mixed_precision": precision_setting}}
+    )
     summary = fast_recipe_over_seeds(fast_params, args.seeds)
     if args.best:
         summary.update(best_preset_over_seeds(params, args.device, args.best_seeds, args.best_epochs))
@@ -648,20 +816,54 @@ def seeds_and_best(params, args, precision_setting: str) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--best", action="store_true", help="also train the `best` preset (about 10 minutes on 2 cores)")
-    parser.add_argument("--transfer", action="store_true",
-                        help="only the ResNet-18 recipes (from scratch, frozen with and without cached features, fine-tuned) and the CNN")
-    parser.add_argument("--processes", action="store_true",
-                        help="only data-parallel training: 1 process against 2 (on a CPU) or one per GPU, the all-reduce timed")
-    parser.add_argument("--seeds", type=int, metavar="N",
-                        help="only the fast recipe over N seeds after a warm-up, its time to 99.0% timed as on a GPU; with --best, the best preset too")
-    parser.add_argument("--best-epochs", type=int, metavar="N", help="with --seeds and --best: N epochs of the best preset instead of its own")
-    parser.add_argument("--best-seeds", type=int, default=1, metavar="N", help="with --seeds and --best: the best preset with seeds 0 to N-1")
-    parser.add_argument("--inference", action="store_true",
-                        help="only fp32 against int8 in onnxruntime at batch 1000 and 1, with what each int8 step bought")
-    parser.add_argument("--resnet", type=int, metavar="SIZE", help="only ResNet-18 from scratch for one epoch at SIZE x SIZE inputs")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="where the project's training runs; the reference loop and inference stay on the CPU")
+    parser.add_argument(
+        "--best", action="store_true", help="also train the `best` preset (about 10 minutes on 2 cores)"
+    )
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="only the ResNet-18 recipes (from scratch, frozen with and without cached features, fine-tuned) and the "
+        "CNN",
+    )
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="only data-parallel training: 1 process against 2 (on a CPU) or one per GPU, the all-reduce timed",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="only the fast recipe over N seeds after a warm-up, its time to 99.0% timed as on a GPU; with --best, "
+        "the best preset too",
+    )
+    parser.add_argument(
+        "--best-epochs",
+        type=int,
+        metavar="N",
+        help="with --seeds and --best: N epochs of the best preset instead of its own",
+    )
+    parser.add_argument(
+        "--best-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --seeds and --best: the best preset with seeds 0 to N-1",
+    )
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="only fp32 against int8 in onnxruntime at batch 1000 and 1, with what each int8 step bought",
+    )
+    parser.add_argument(
+        "--resnet", type=int, metavar="SIZE", help="only ResNet-18 from scratch for one epoch at SIZE x SIZE inputs"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the project's training runs; the reference loop and inference stay on the CPU",
+    )
     args = parser.parse_args()
     os.chdir(REPO_ROOT)  # the stages read params.yaml and data/ relative to the repository root
     params = load_params()
@@ -672,10 +874,12 @@ def main() -> None:
     if args.transfer:
         transfer_learning(params, args.device)
         return
-    only = {"processes": args.processes and (lambda: data_parallel(params, device)),
-            "resnet": args.resnet and (lambda: resnet_epoch(params, args.device, args.resnet)),
-            "seeds": args.seeds and (lambda: seeds_and_best(params, args, precision_setting)),
-            "inference": args.inference and int8_steps}
+    only = {
+        "processes": args.processes and (lambda: data_parallel(params, device)),
+        "resnet": args.resnet and (lambda: resnet_epoch(params, args.device, args.resnet)),
+        "seeds": args.seeds and (lambda: seeds_and_best(params, args, precision_setting)),
+        "inference": args.inference and int8_steps,
+    }
     for section in filter(None, only.values()):
         summary = section()
         print(" ".join(f"{key}={value}" for key, value in summary.items()))
@@ -684,15 +888,21 @@ def main() -> None:
     gemm = gemm_gflops(device)
     for name, rate in gemm.items():
         report(f"fp32 GEMM on {device.type}, {name}", f"{rate:.0f} GFLOP/s")
-    fast_params = with_overrides(params, {**FAST, "train": {**FAST["train"], "device": args.device, "mixed_precision": precision_setting}})
+    fast_params = with_overrides(
+        params, {**FAST, "train": {**FAST["train"], "device": args.device, "mixed_precision": precision_setting}}
+    )
     runs = [] if device.type == "cuda" else [reference_loop()]
     fast_name = f"fast recipe: 1 epoch, {precision}"
     runs.append(timed_training(fast_name, fast_params))
     if precision != "fp32":  # efficiency is judged in fp32, the precision of the matmul it is compared with
-        runs.append(timed_training("fast recipe in fp32", with_overrides(fast_params, {"train": {"mixed_precision": "never"}})))
+        runs.append(
+            timed_training("fast recipe in fp32", with_overrides(fast_params, {"train": {"mixed_precision": "never"}}))
+        )
     runs.append(timed_training("params.yaml defaults", with_overrides(params, {"train": {"device": args.device}})))
     if device.type == "cuda":
-        runs.append(timed_training("fast recipe, torch.compile", with_overrides(fast_params, {"train": {"compile": True}})))
+        runs.append(
+            timed_training("fast recipe, torch.compile", with_overrides(fast_params, {"train": {"compile": True}}))
+        )
     if args.best:
         runs.append(best_preset(params, args.device))
     print()
@@ -701,40 +911,78 @@ def main() -> None:
     by_name = {run.name: run for run in runs}
     fast, default = by_name[fast_name], by_name["params.yaml defaults"]
     fp32 = by_name.get("fast recipe in fp32", fast)
-    summary = {"precision": precision, "gemm_fraction": f"{fp32.gflops() / gemm.get('TF32 matmul', gemm['matmul']):.2f}",
-               "default_accuracy": f"{default.accuracy:.4f}"}
+    summary = {
+        "precision": precision,
+        "gemm_fraction": f"{fp32.gflops() / gemm.get('TF32 matmul', gemm['matmul']):.2f}",
+        "default_accuracy": f"{default.accuracy:.4f}",
+    }
     if "oneDNN" in gemm:
         summary["onednn_gemm_fraction"] = f"{fp32.gflops() / gemm['oneDNN']:.2f}"
     fast_to_99 = fast.time_to_99 if fast.time_to_99 is not None else float("inf")
     if device.type == "cpu":
         reference = by_name["reference loop: 5 epochs"]
         ratio = fast_to_99 / reference.seconds
-        report("time to 99.0%, fast recipe", f"{fast_to_99:.2f} s = {ratio:.3f}x the reference's 5 epochs",
-               "<= 0.08x", ratio <= 0.08)
+        report(
+            "time to 99.0%, fast recipe",
+            f"{fast_to_99:.2f} s = {ratio:.3f}x the reference's 5 epochs",
+            "<= 0.08x",
+            ratio <= 0.08,
+        )
         summary = {"time_to_99_ratio": f"{ratio:.3f}", **summary}
     else:
-        report("time to 99.0%, fast recipe on CUDA", f"{fast_to_99:.2f} s, {fast.images / fast.step_seconds:,.0f} images/s")
-        summary = {"time_to_99_s": f"{fast_to_99:.2f}", "images_per_s": f"{fast.images / fast.step_seconds:.0f}", **summary}
+        report(
+            "time to 99.0%, fast recipe on CUDA", f"{fast_to_99:.2f} s, {fast.images / fast.step_seconds:,.0f} images/s"
+        )
+        summary = {
+            "time_to_99_s": f"{fast_to_99:.2f}",
+            "images_per_s": f"{fast.images / fast.step_seconds:.0f}",
+            **summary,
+        }
     if fp32 is not fast:
-        report(f"fast recipe in {precision} against fp32", f"{fp32.step_seconds / fast.step_seconds:.1f}x the speed "
-               f"({fp32.step_seconds:.1f} s -> {fast.step_seconds:.1f} s of steps)")
+        report(
+            f"fast recipe in {precision} against fp32",
+            f"{fp32.step_seconds / fast.step_seconds:.1f}x the speed "
+            f"({fp32.step_seconds:.1f} s -> {fast.step_seconds:.1f} s of steps)",
+        )
     like = "TF32 matmul" if "TF32 matmul" in gemm else "matmul"
-    report("fp32 training throughput", f"{fp32.gflops():.0f} GFLOP/s = {fp32.gflops() / gemm[like]:.0%} of {like}",
-           ">= 50%", fp32.gflops() / gemm[like] >= 0.5)
+    report(
+        "fp32 training throughput",
+        f"{fp32.gflops():.0f} GFLOP/s = {fp32.gflops() / gemm[like]:.0%} of {like}",
+        ">= 50%",
+        fp32.gflops() / gemm[like] >= 0.5,
+    )
     if "oneDNN" in gemm:
         report("  against oneDNN's GEMM", f"{fp32.gflops() / gemm['oneDNN']:.0%}")
-    report("params.yaml defaults", f"{default.seconds:.1f} s, test accuracy {default.accuracy:.4f}", ">= 0.994 in <= 60 s",
-           default.accuracy >= 0.994 and default.seconds <= 60)
+    report(
+        "params.yaml defaults",
+        f"{default.seconds:.1f} s, test accuracy {default.accuracy:.4f}",
+        ">= 0.994 in <= 60 s",
+        default.accuracy >= 0.994 and default.seconds <= 60,
+    )
     if "best preset" in by_name:
         best = by_name["best preset"]
-        report("best preset", f"{best.seconds:.0f} s, test accuracy {best.accuracy:.4f}", ">= 0.9965 in < 600 s",
-               best.accuracy >= 0.9965 and best.seconds < 600)
+        report(
+            "best preset",
+            f"{best.seconds:.0f} s, test accuracy {best.accuracy:.4f}",
+            ">= 0.9965 in < 600 s",
+            best.accuracy >= 0.9965 and best.seconds < 600,
+        )
         summary["best_accuracy"] = f"{best.accuracy:.4f}"
     if device.type == "cpu":
         summary.update(inference())
         pipeline_overhead()
-    keys = ["precision", "time_to_99_ratio", "time_to_99_s", "images_per_s", "gemm_fraction", "ort_speedup", "int8_speedup", "default_accuracy",
-            "best_accuracy", "onednn_gemm_fraction"]
+    keys = [
+        "precision",
+        "time_to_99_ratio",
+        "time_to_99_s",
+        "images_per_s",
+        "gemm_fraction",
+        "ort_speedup",
+        "int8_speedup",
+        "default_accuracy",
+        "best_accuracy",
+        "onednn_gemm_fraction",
+    ]
     print(" ".join(f"{key}={summary[key]}" for key in keys if key in summary))
 
 

@@ -50,7 +50,10 @@ BAD_CHECKPOINTS = {
     "missing": (lambda path: path.unlink(), "not found: run the train stage first (dvc repro train)"),
     "empty": (lambda path: path.write_bytes(b""), "is damaged or not a PyTorch file (EOFError)"),
     "truncated": (cut_in_half, "is damaged or not a PyTorch file ("),
-    "random bytes": (lambda path: path.write_bytes(random.Random(0).randbytes(4096)), "is not a model checkpoint: it holds something other than tensors"),
+    "random bytes": (
+        lambda path: path.write_bytes(random.Random(0).randbytes(4096)),
+        "is not a model checkpoint: it holds something other than tensors",
+    ),
     "numpy file": (numpy_file, "is not a model checkpoint: it holds something other than tensors"),
     "torch code object": (
         lambda path: torch.save({"state_dict": RunsCodeWhenUnpickled(path.parent / "pwned")}, path),
@@ -60,11 +63,19 @@ BAD_CHECKPOINTS = {
         lambda path: path.write_bytes(pickle.dumps(RunsCodeWhenUnpickled(path.parent / "pwned"))),
         "is not a model checkpoint: it holds something other than tensors and plain data, which is never unpickled",
     ),
-    "plain dict": (lambda path: torch.save({"weights": torch.zeros(3)}, path), "is not a checkpoint of this pipeline: it lacks state_dict, architecture, mean, std, class_names, epoch, device"),
-    "tensor": (lambda path: torch.save(torch.zeros(3), path), "is not a checkpoint of this pipeline: it lacks state_dict"),
+    "plain dict": (
+        lambda path: torch.save({"weights": torch.zeros(3)}, path),
+        "is not a checkpoint of this pipeline: it lacks state_dict, architecture, mean, std, class_names, epoch, "
+        "device",
+    ),
+    "tensor": (
+        lambda path: torch.save(torch.zeros(3), path),
+        "is not a checkpoint of this pipeline: it lacks state_dict",
+    ),
     "other architecture": (
         lambda path: write_checkpoint(path, architecture={**TINY_ARCHITECTURE, "fc_units": 32}),
-        "is not a checkpoint of this pipeline: its contents do not fit together (Error(s) in loading state_dict for CNN: size mismatch for classifier.1.weight",
+        "is not a checkpoint of this pipeline: its contents do not fit together (Error(s) in loading state_dict for "
+        "CNN: size mismatch for classifier.1.weight",
     ),
     "unknown activation": (
         lambda path: write_checkpoint(path, architecture={**TINY_ARCHITECTURE, "activation": "gelu"}),
@@ -136,8 +147,14 @@ def test_export_keeps_the_last_model_onnx_when_the_new_one_fails_verification(tr
     if fault == "its predictions differ":
         zeros = lambda path, pixels: (np.zeros((len(pixels), 10), dtype=np.float32),) * 2  # noqa: E731
         monkeypatch.setattr(export, "onnx_outputs", zeros)
-    message = "onnxruntime cannot run the exported model" if fault == "onnxruntime cannot load it" else "disagrees with PyTorch"
-    with pytest.raises(PipelineError, match=f"{message}.*models/model.onnx and models/model.int8.onnx were not written"):
+    message = (
+        "onnxruntime cannot run the exported model"
+        if fault == "onnxruntime cannot load it"
+        else "disagrees with PyTorch"
+    )
+    with pytest.raises(
+        PipelineError, match=f"{message}.*models/model.onnx and models/model.int8.onnx were not written"
+    ):
         export.main()
     assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
@@ -158,9 +175,12 @@ def test_an_int8_model_that_loses_accuracy_fails_the_export_and_writes_nothing(t
         return logits, probabilities
 
     monkeypatch.setattr(export, "onnx_outputs", int8_always_wrong)
-    with pytest.raises(PipelineError, match=r"the int8 model's test accuracy 0\.0000 is \d+ of 50 images below the fp32 "
-                       r"model's .*, where export\.int8_max_accuracy_drop = 0\.002 allows 0; models/model.onnx and "
-                       r"models/model.int8.onnx were not written"):
+    with pytest.raises(
+        PipelineError,
+        match=r"the int8 model's test accuracy 0\.0000 is \d+ of 50 images below the fp32 "
+        r"model's .*, where export\.int8_max_accuracy_drop = 0\.002 allows 0; models/model.onnx and "
+        r"models/model.int8.onnx were not written",
+    ):
         export.main()
     assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
@@ -170,11 +190,14 @@ def test_an_int8_model_that_loses_accuracy_fails_the_export_and_writes_nothing(t
 @pytest.mark.parametrize("fault", ["8-bit weights", "a layer unlike the reference's"])
 def test_an_int8_model_unlike_its_definition_fails_the_export_and_writes_nothing(trained, monkeypatch, fault):
     """Weights that could saturate on a CPU without VNNI, or a layer that onnxruntime on this CPU computes more than
-    a step from onnx's reference evaluator, stop the stage in one line, and neither model nor the metrics are written."""
+    a step from onnx's reference evaluator, stop the stage in one line, and neither model nor metrics are written."""
     (trained / export.ONNX_FILE).write_bytes(b"the last good model")
     if fault == "8-bit weights":
         monkeypatch.setitem(onnx_export.INT8_SETTINGS, "reduce_range", False)
-        problem = r"the Conv weights \S+ hold integers up to 127 in magnitude, beyond 64: CPUs without VNNI would saturate their sums"
+        problem = (
+            r"the Conv weights \S+ hold integers up to 127 in magnitude, beyond 64: "
+            r"CPUs without VNNI would saturate their sums"
+        )
     else:
         # onnxruntime's first quantised tensor, as the check reads it, is 3 steps above what it computed.
         real_session = int8_verification.inference_session
@@ -189,13 +212,18 @@ def test_an_int8_model_unlike_its_definition_fails_the_export_and_writes_nothing
                 return outputs
 
         monkeypatch.setattr(int8_verification, "inference_session", ThreeStepsOff)
-        problem = (r"onnxruntime on this CPU \(.+\) computes \S+ \(.+\) up to 3 quantisation steps away from onnx's "
-                   r"reference evaluator given the same inputs, on 50 of 50 images checked \(float32 rounding accounts "
-                   r"for 1 at most\)")
+        problem = (
+            r"onnxruntime on this CPU \(.+\) computes \S+ \(.+\) up to 3 quantisation steps away from onnx's "
+            r"reference evaluator given the same inputs, on 50 of 50 images checked \(float32 rounding accounts "
+            r"for 1 at most\)"
+        )
     with pytest.raises(PipelineError) as raised:
         export.main()
-    assert re.fullmatch(f"the int8 model failed its check against its definition: {problem}; models/model.onnx and "
-                        f"models/model.int8.onnx were not written", str(raised.value)), str(raised.value)
+    assert re.fullmatch(
+        f"the int8 model failed its check against its definition: {problem}; models/model.onnx and "
+        f"models/model.int8.onnx were not written",
+        str(raised.value),
+    ), str(raised.value)
     assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
     assert not (trained / export.METRICS_FILE).exists()

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import REPO_ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import REPO_ROOT
 from mnist_pipeline import int8_verification, onnx_export
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.int8_verification import check_layers, compare_with_reference, weight_bound_problem
@@ -36,13 +36,22 @@ def saturating_model(layer: str) -> onnx.ModelProto:
         helper.make_node("Div", ["float_pixels", "scale"], ["inputs"]),
     ]
     if layer == "Gemm":
-        nodes += [helper.make_node("Flatten", ["inputs"], ["rows"]), helper.make_node("Gemm", ["rows", "w", "b"], ["logits"], transB=1)]
+        nodes += [
+            helper.make_node("Flatten", ["inputs"], ["rows"]),
+            helper.make_node("Gemm", ["rows", "w", "b"], ["logits"], transB=1),
+        ]
     else:  # one 28x28 kernel per class: the same sums as a convolution
-        nodes += [helper.make_node("Conv", ["inputs", "w", "b"], ["maps"]), helper.make_node("Flatten", ["maps"], ["logits"])]
+        nodes += [
+            helper.make_node("Conv", ["inputs", "w", "b"], ["maps"]),
+            helper.make_node("Flatten", ["maps"], ["logits"]),
+        ]
         weights = weights.reshape(2, 1, 28, 28)
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    stored = [numpy_helper.from_array(np.float32(255), "scale"), numpy_helper.from_array(weights, "w"),
-              numpy_helper.from_array(np.array([0, 20], np.float32), "b")]
+    stored = [
+        numpy_helper.from_array(np.float32(255), "scale"),
+        numpy_helper.from_array(weights, "w"),
+        numpy_helper.from_array(np.array([0, 20], np.float32), "b"),
+    ]
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 2]) for name in ("logits", "probabilities")]
     pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n", 1, 28, 28])
     graph = helper.make_graph(nodes, "saturating", [pixels], outputs, stored)
@@ -79,8 +88,10 @@ def models(tmp_path_factory):
 def test_the_weights_fit_every_kernel_and_8_bit_weights_do_not(models, layer):
     assert weight_bound_problem(onnx.load(models / f"{layer}.int8.onnx")) is None
     problem = weight_bound_problem(onnx.load(models / f"{layer}.8-bit.onnx"))
-    assert problem == (f"the {layer} weights w_quantized hold integers up to 127 in magnitude, beyond 64: CPUs without "
-                       f"VNNI would saturate their sums")
+    assert problem == (
+        f"the {layer} weights w_quantized hold integers up to 127 in magnitude, beyond 64: CPUs without "
+        f"VNNI would saturate their sums"
+    )
 
 
 def test_a_sum_too_large_for_32_bits_is_found(models):
@@ -89,7 +100,9 @@ def test_a_sum_too_large_for_32_bits_is_found(models):
     weights = next(t for t in model.graph.initializer if t.name == "w_quantized")
     weights.CopyFrom(numpy_helper.from_array(np.full((2, 140_000), 64, np.int8), weights.name))
     problem = weight_bound_problem(model)
-    found = re.fullmatch(r"the Gemm with weights w_quantized can sum to (\d+), beyond its 32-bit accumulators' 2147483647", problem)
+    found = re.fullmatch(
+        r"the Gemm with weights w_quantized can sum to (\d+), beyond its 32-bit accumulators' 2147483647", problem
+    )
     assert found and int(found[1]) >= 255 * 64 * 140_000, problem  # the bias adds its own bit
 
 
@@ -123,8 +136,10 @@ print(json.dumps(steps))
 
 
 # CI sets MNIST_PIPELINE_REQUIRE_QEMU, so that there a missing qemu fails the suite instead of skipping the check.
-@pytest.mark.skipif(QEMU is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
-                    reason="no qemu-x86_64 (Debian's qemu-user) to emulate a CPU without VNNI")
+@pytest.mark.skipif(
+    QEMU is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
+    reason="no qemu-x86_64 (Debian's qemu-user) to emulate a CPU without VNNI",
+)
 def test_on_an_emulated_avx2_cpu_8_bit_weights_fail_the_layer_check_and_7_bit_ones_match_native(models):
     """qemu's TCG has AVX2 but neither AVX-512 nor VNNI, so onnxruntime picks its AVX2 kernels (VPMADDUBSW) even on
     a VNNI machine. The 8-bit models' saturated layers are over 100 steps from the reference there, which shows
@@ -135,7 +150,10 @@ def test_on_an_emulated_avx2_cpu_8_bit_weights_fail_the_layer_check_and_7_bit_on
 
     result = subprocess.run(
         [QEMU, "-cpu", "Haswell", sys.executable, "-c", LAYER_STEPS, str(models)],
-        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     steps = json.loads(result.stdout)
@@ -170,31 +188,43 @@ def test_a_layer_more_than_a_step_from_the_reference_is_named_with_its_differenc
     monkeypatch.setattr(int8_verification, "inference_session", OffByTwo)
     found = check_layers(model, pixels)
     assert found.steps >= 2
-    assert re.fullmatch(r"onnxruntime on this CPU \(.+\) computes rows_QuantizeLinear_Output \(Cast then Div then Flatten\) up to 2 "
-                        r"quantisation steps away from onnx's reference evaluator given the same inputs, on 1 of 32 "
-                        r"images checked \(float32 rounding accounts for 1 at most\)", found.problem), found.problem
+    assert re.fullmatch(
+        r"onnxruntime on this CPU \(.+\) computes rows_QuantizeLinear_Output \(Cast then Div then Flatten\) up to 2 "
+        r"quantisation steps away from onnx's reference evaluator given the same inputs, on 1 of 32 "
+        r"images checked \(float32 rounding accounts for 1 at most\)",
+        found.problem,
+    ), found.problem
 
 
 @pytest.mark.parametrize("fp32_right, int8_right, passes", [(1801, 1797, True), (1801, 1796, False)])
-def test_the_accuracy_limit_counts_images_so_a_drop_of_exactly_the_limit_passes(monkeypatch, fp32_right, int8_right, passes):
+def test_the_accuracy_limit_counts_images_so_a_drop_of_exactly_the_limit_passes(
+    monkeypatch, fp32_right, int8_right, passes
+):
     """0.002 of 2,000 test images is 4: 0.9005 to 0.8985 passes, though in floats their difference is
     0.0020000000000000018; 5 images fail, with the counts in the message."""
     assert 0.9005 - 0.8985 > 0.002 and int8_verification.images_allowed(0.002, 2000) == 4
     assert int8_verification.images_allowed(0.29, 100) == 29, "0.29 * 100 is 28.999999999999996 in floats"
     labels = np.zeros(2000, np.int64)
-    fp32_logits, int8_logits = (np.eye(2, dtype=np.float32)[(np.arange(2000) >= right).astype(int)]
-                                for right in (fp32_right, int8_right))
+    fp32_logits, int8_logits = (
+        np.eye(2, dtype=np.float32)[(np.arange(2000) >= right).astype(int)] for right in (fp32_right, int8_right)
+    )
     monkeypatch.setattr(int8_verification, "compare_with_reference", lambda model, pixels, logits: ({}, None))
     monkeypatch.setattr(int8_verification.onnx, "load", lambda path: None)
-    params = ExportParams.model_validate({"opset": 18, "tolerance": 1e-4, "int8_max_accuracy_drop": 0.002,
-                                          "calibration_images": 10, "seed": 0})
+    params = ExportParams.model_validate(
+        {"opset": 18, "tolerance": 1e-4, "int8_max_accuracy_drop": 0.002, "calibration_images": 10, "seed": 0}
+    )
     pixels = np.zeros((2000, 1, 2, 2), np.uint8)
     if passes:
-        metrics, _ = int8_verification.check_int8(None, int8_logits, fp32_logits, labels, pixels, params, "nothing written")
+        metrics, _ = int8_verification.check_int8(
+            None, int8_logits, fp32_logits, labels, pixels, params, "nothing written"
+        )
         assert metrics["int8_accuracy"] == 0.8985
     else:
-        with pytest.raises(PipelineError, match=r"^the int8 model's test accuracy 0\.8980 is 5 of 2000 images below the "
-                           r"fp32 model's 0\.9005, where export\.int8_max_accuracy_drop = 0\.002 allows 4; nothing written$"):
+        with pytest.raises(
+            PipelineError,
+            match=r"^the int8 model's test accuracy 0\.8980 is 5 of 2000 images below the "
+            r"fp32 model's 0\.9005, where export\.int8_max_accuracy_drop = 0\.002 allows 4; nothing written$",
+        ):
             int8_verification.check_int8(None, int8_logits, fp32_logits, labels, pixels, params, "nothing written")
 
 
@@ -214,20 +244,41 @@ def tent_network(width: int = 100, iterations: int = 12, slope: float = 1.93) ->
     fold = np.block([[slope * eye, -slope * eye, zero], [zero.T, zero.T, one]])  # slope * (x - relu(2x - 1)), 1
     vote = np.zeros((width + 1, 10), np.float32)
     vote[np.arange(width), np.arange(width) % 10] = 1
-    nodes = [helper.make_node("Cast", ["pixels"], ["float_pixels"], to=TensorProto.FLOAT),
-             helper.make_node("Div", ["float_pixels", "scale"], ["inputs"]), helper.make_node("Flatten", ["inputs"], ["rows"]),
-             helper.make_node("Gemm", ["rows", "first", "bias"], ["x0"], transB=1)]
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["float_pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["float_pixels", "scale"], ["inputs"]),
+        helper.make_node("Flatten", ["inputs"], ["rows"]),
+        helper.make_node("Gemm", ["rows", "first", "bias"], ["x0"], transB=1),
+    ]
     for i in range(iterations):
-        nodes += [helper.make_node("MatMul", [f"x{i}", "split"], [f"s{i}"]), helper.make_node("Relu", [f"s{i}"], [f"r{i}"]),
-                  helper.make_node("MatMul", [f"r{i}", "fold"], [f"f{i}"]), helper.make_node("Relu", [f"f{i}"], [f"x{i + 1}"])]
-    nodes += [helper.make_node("MatMul", [f"x{iterations}", "vote"], ["logits"]),
-              helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
-    stored = [numpy_helper.from_array(array, name) for name, array in [
-        ("scale", np.float32(255)), ("first", first), ("bias", bias), ("split", split.T.copy()), ("fold", fold.T.copy()),
-        ("vote", vote)]]
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 10]) for name in ("logits", "probabilities")]
+        nodes += [
+            helper.make_node("MatMul", [f"x{i}", "split"], [f"s{i}"]),
+            helper.make_node("Relu", [f"s{i}"], [f"r{i}"]),
+            helper.make_node("MatMul", [f"r{i}", "fold"], [f"f{i}"]),
+            helper.make_node("Relu", [f"f{i}"], [f"x{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("MatMul", [f"x{iterations}", "vote"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    stored = [
+        numpy_helper.from_array(array, name)
+        for name, array in [
+            ("scale", np.float32(255)),
+            ("first", first),
+            ("bias", bias),
+            ("split", split.T.copy()),
+            ("fold", fold.T.copy()),
+            ("vote", vote),
+        ]
+    ]
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 10]) for name in ("logits", "probabilities")
+    ]
     pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n", 1, 28, 28])
-    return helper.make_model(helper.make_graph(nodes, "tent", [pixels], outputs, stored), opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(
+        helper.make_graph(nodes, "tent", [pixels], outputs, stored), opset_imports=[helper.make_opsetid("", 18)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +302,10 @@ def test_a_deep_network_the_end_to_end_rule_rejected_passes_the_layer_check(deep
     model, pixels = onnx.load(deep / "tent.int8.onnx"), np.load(deep / "pixels.npy")
     logits = onnx_outputs(deep / "tent.int8.onnx", pixels)[0]
     expected = int8_verification.reference_logits(model, pixels)
-    rows, step = np.arange(len(pixels)), float(numpy_helper.to_array(
-        next(t for t in model.graph.initializer if t.name == "logits_scale")))
+    rows, step = (
+        np.arange(len(pixels)),
+        float(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "logits_scale"))),
+    )
     margins = expected[rows, expected.argmax(1)] - expected[rows, logits.argmax(1)]
     assert (margins > 4 * step).sum() >= 10, "the old rule rejects it"
     figures, problem = compare_with_reference(model, pixels, logits)
@@ -269,8 +322,10 @@ np.save(folder / "emulated.npy", onnx_outputs(folder / "tent.int8.onnx", np.load
 """
 
 
-@pytest.mark.skipif(QEMU is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
-                    reason="no qemu-x86_64 (Debian's qemu-user) to emulate a CPU without VNNI")
+@pytest.mark.skipif(
+    QEMU is None and not os.environ.get("MNIST_PIPELINE_REQUIRE_QEMU"),
+    reason="no qemu-x86_64 (Debian's qemu-user) to emulate a CPU without VNNI",
+)
 def test_the_deep_networks_onnxruntime_logits_are_the_same_native_and_on_an_emulated_avx2_cpu(deep):
     """What the end-to-end rule took for a CPU's fault was the reference's rounding: onnxruntime's own answers are
     bit for bit the same on its AVX2 kernels as on this CPU's."""
@@ -279,7 +334,10 @@ def test_the_deep_networks_onnxruntime_logits_are_the_same_native_and_on_an_emul
 
     result = subprocess.run(
         [QEMU, "-cpu", "Haswell", sys.executable, "-c", DEEP_LOGITS, str(deep)],
-        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     native = onnx_outputs(deep / "tent.int8.onnx", np.load(deep / "pixels.npy"))[0]
@@ -289,19 +347,34 @@ def test_the_deep_networks_onnxruntime_logits_are_the_same_native_and_on_an_emul
 def normalising_conv(mean: float = 0.1307, std: float = 0.3081) -> onnx.ModelProto:
     """Raw pixels, normalised as model.normalize does, into a 3x3 convolution of 4 channels and a Gemm to 2 classes."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Cast", ["pixels"], ["float_pixels"], to=TensorProto.FLOAT),
-             helper.make_node("Div", ["float_pixels", "scale"], ["unit"]), helper.make_node("Sub", ["unit", "mean"], ["centred"]),
-             helper.make_node("Div", ["centred", "std"], ["inputs"]),
-             helper.make_node("Conv", ["inputs", "w", "b"], ["maps"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["maps"], ["active"]),
-             helper.make_node("Flatten", ["active"], ["rows"]), helper.make_node("Gemm", ["rows", "v", "c"], ["logits"], transB=1),
-             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
-    stored = [numpy_helper.from_array(array, name) for name, array in [
-        ("scale", np.float32(255)), ("mean", np.float32(mean)), ("std", np.float32(std)),
-        ("w", rng.standard_normal((4, 1, 3, 3)).astype(np.float32)), ("b", np.zeros(4, np.float32)),
-        ("v", rng.standard_normal((2, 4 * 28 * 28)).astype(np.float32) / 50), ("c", np.zeros(2, np.float32))]]
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["float_pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["float_pixels", "scale"], ["unit"]),
+        helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "std"], ["inputs"]),
+        helper.make_node("Conv", ["inputs", "w", "b"], ["maps"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["maps"], ["active"]),
+        helper.make_node("Flatten", ["active"], ["rows"]),
+        helper.make_node("Gemm", ["rows", "v", "c"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    stored = [
+        numpy_helper.from_array(array, name)
+        for name, array in [
+            ("scale", np.float32(255)),
+            ("mean", np.float32(mean)),
+            ("std", np.float32(std)),
+            ("w", rng.standard_normal((4, 1, 3, 3)).astype(np.float32)),
+            ("b", np.zeros(4, np.float32)),
+            ("v", rng.standard_normal((2, 4 * 28 * 28)).astype(np.float32) / 50),
+            ("c", np.zeros(2, np.float32)),
+        ]
+    ]
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 2]) for name in ("logits", "probabilities")]
     pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n", 1, 28, 28])
-    return helper.make_model(helper.make_graph(nodes, "normalising", [pixels], outputs, stored), opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(
+        helper.make_graph(nodes, "normalising", [pixels], outputs, stored), opset_imports=[helper.make_opsetid("", 18)]
+    )
 
 
 def test_the_first_convolution_reads_the_raw_pixels_with_the_normalisations_scale_and_zero_point(tmp_path):
@@ -311,7 +384,9 @@ def test_the_first_convolution_reads_the_raw_pixels_with_the_normalisations_scal
     from mnist_pipeline.onnx_io import onnx_outputs
 
     rng = np.random.default_rng(2)
-    pixels = (rng.random((64, 1, 28, 28)) < 0.2).astype(np.uint8) * rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+    pixels = (rng.random((64, 1, 28, 28)) < 0.2).astype(np.uint8) * rng.integers(
+        0, 256, (64, 1, 28, 28), dtype=np.uint8
+    )
     onnx.save(normalising_conv(), tmp_path / "float.onnx")
     onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "raw.onnx", pixels)
     onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "plain.onnx", pixels, raw_pixels=False)

@@ -61,7 +61,9 @@ def weights_mirror(http_root, weights_file, workdir):
     (root / "good").mkdir()
     shutil.copy(weights_file, root / "good" / WEIGHTS)
     weights = {"file": WEIGHTS, "sha256": file_sha256(weights_file), "mirrors": [f"{url}/good/"]}
-    update_params(workdir / "params.yaml", {**RESNET_PARAMS, "weights": weights, "download": {"timeout": 5, "retries": 0}})
+    update_params(
+        workdir / "params.yaml", {**RESNET_PARAMS, "weights": weights, "download": {"timeout": 5, "retries": 0}}
+    )
     return root, url
 
 
@@ -72,12 +74,28 @@ def test_every_architecture_has_a_builder_and_its_keys():
 @pytest.mark.parametrize(
     "model, message",
     [
-        ({"arch": "resnet18", "resnet18": {"freeze": True}}, "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': a frozen backbone that was never trained stays random"),
-        ({"arch": "cnn", "resnet18": {"freeze": True}}, "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none'"),
+        (
+            {"arch": "resnet18", "resnet18": {"freeze": True}},
+            "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none': a frozen backbone "
+            "that was never trained stays random",
+        ),
+        (
+            {"arch": "cnn", "resnet18": {"freeze": True}},
+            "model.resnet18.freeze = true is not allowed with model.resnet18.pretrained = 'none'",
+        ),
         ({"arch": "vgg16"}, "model.arch = 'vgg16' is not allowed; expected one of cnn, resnet18"),
-        ({"resnet18": {"input_size": 16}}, "model.resnet18.input_size = 16 is not allowed; expected an integer from 32 to 512"),
-        ({"resnet18": {"pretrained": "yes"}}, "model.resnet18.pretrained = 'yes' is not allowed; expected one of none, imagenet"),
-        ({"pretrained": "imagenet"}, "unknown key model.pretrained = 'imagenet' (did you mean model.resnet18.pretrained"),
+        (
+            {"resnet18": {"input_size": 16}},
+            "model.resnet18.input_size = 16 is not allowed; expected an integer from 32 to 512",
+        ),
+        (
+            {"resnet18": {"pretrained": "yes"}},
+            "model.resnet18.pretrained = 'yes' is not allowed; expected one of none, imagenet",
+        ),
+        (
+            {"pretrained": "imagenet"},
+            "unknown key model.pretrained = 'imagenet' (did you mean model.resnet18.pretrained",
+        ),
     ],
 )
 def test_model_combinations_that_make_no_network_are_refused(workdir, model, message):
@@ -89,7 +107,10 @@ def test_model_combinations_that_make_no_network_are_refused(workdir, model, mes
 @pytest.mark.parametrize(
     "dataset, message",
     [
-        ({"class_names": ["a", "b", "a"]}, "dataset.class_names = ['a', 'b', 'a'] is not allowed; expected a list of 2 to 256 different"),
+        (
+            {"class_names": ["a", "b", "a"]},
+            "dataset.class_names = ['a', 'b', 'a'] is not allowed; expected a list of 2 to 256 different",
+        ),
         ({"class_names": ["a,b", "c"]}, "without commas"),
         ({"label_offset": -1}, "dataset.label_offset = -1 is not allowed; expected an integer from 0 to 255"),
         ({"train_images": {"file": "../x.gz", "sha256": "0" * 64}}, "dataset.train_images = {'file': '../x.gz'"),
@@ -104,7 +125,9 @@ def test_bad_dataset_params_are_refused(workdir, dataset, message):
 
 def test_a_resnet_takes_raw_grey_pixels_and_resizes_them_inside():
     params = load_params(REPO_ROOT / "params.yaml")
-    model_params = params.model.model_copy(update={"arch": "resnet18", "resnet18": params.model.resnet18.model_copy(update={"input_size": 32})})
+    model_params = params.model.model_copy(
+        update={"arch": "resnet18", "resnet18": params.model.resnet18.model_copy(update={"input_size": 32})}
+    )
     model = build_model(architecture_for(model_params, 28, 26), 0.13, 0.31).eval()
     assert model(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 26)
     assert model.prepare(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 3, 32, 32)
@@ -116,7 +139,13 @@ def test_the_pretrained_stage_fetches_verified_weights_only_when_asked(weights_m
     assert (pretrained.OUTPUT_DIR / WEIGHTS).read_bytes() == weights_file.read_bytes()
 
     # No weights asked for: nothing downloads (the only mirror refuses), the stale file goes, a note stays for DVC.
-    update_params(workdir / "params.yaml", {"model": {"resnet18": {"pretrained": "none", "freeze": False}}, "weights": {"mirrors": ["http://127.0.0.1:9/"]}})
+    update_params(
+        workdir / "params.yaml",
+        {
+            "model": {"resnet18": {"pretrained": "none", "freeze": False}},
+            "weights": {"mirrors": ["http://127.0.0.1:9/"]},
+        },
+    )
     pretrained.main()
     assert sorted(p.name for p in pretrained.OUTPUT_DIR.iterdir()) == ["none.txt"]
 
@@ -232,14 +261,23 @@ def write_letters(directory, train: int = 520, test: int = 130) -> None:
         for k in range(26):
             images[labels == k, 1 + k, 4:-4] = 255
         arrays += [images, (labels + 1).astype(np.uint8)]
-    names = ["emnist-letters-train-images-idx3-ubyte.gz", "emnist-letters-train-labels-idx1-ubyte.gz",
-             "emnist-letters-test-images-idx3-ubyte.gz", "emnist-letters-test-labels-idx1-ubyte.gz"]
-    for name, array in zip(names, arrays):
+    names = [
+        "emnist-letters-train-images-idx3-ubyte.gz",
+        "emnist-letters-train-labels-idx1-ubyte.gz",
+        "emnist-letters-test-images-idx3-ubyte.gz",
+        "emnist-letters-test-labels-idx1-ubyte.gz",
+    ]
+    for name, array in zip(names, arrays, strict=True):
         write_idx(array, directory / name)
 
 
 def describe(directory) -> dict:
-    result = subprocess.run([sys.executable, "-m", "mnist_pipeline.describe_dataset", str(directory)], capture_output=True, text=True, env=STAGE_ENV)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.describe_dataset", str(directory)],
+        capture_output=True,
+        text=True,
+        env=STAGE_ENV,
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)["dataset"]
 
@@ -270,7 +308,9 @@ def test_describe_names_what_is_wrong_with_a_directory(tmp_path):
 def test_a_26_class_dataset_labelled_from_1_trains_end_to_end_with_its_class_names(workdir, monkeypatch):
     write_letters(workdir / "letters")
     section = {**describe(workdir / "letters"), "class_names": LETTERS}
-    update_params(workdir / "params.yaml", {**TINY_PARAMS, "dataset": section, "download": {"mirrors": ["http://127.0.0.1:9/"]}})
+    update_params(
+        workdir / "params.yaml", {**TINY_PARAMS, "dataset": section, "download": {"mirrors": ["http://127.0.0.1:9/"]}}
+    )
     monkeypatch.setenv("MNIST_PIPELINE_MIRRORS", str(workdir / "letters"))
     for stage in [download, preprocess, train, evaluate, export]:
         stage.main()
@@ -280,7 +320,9 @@ def test_a_26_class_dataset_labelled_from_1_trains_end_to_end_with_its_class_nam
     assert metrics["accuracy"] > 1 / 26
     metadata = {p.key: p.value for p in onnx.load(workdir / "models/model.onnx").metadata_props}
     assert metadata["class_names"] == ",".join(LETTERS)
-    assert {row.split(",")[0] for row in (workdir / "metrics/predictions.csv").read_text().splitlines()[1:]} <= set(LETTERS)
+    assert {row.split(",")[0] for row in (workdir / "metrics/predictions.csv").read_text().splitlines()[1:]} <= set(
+        LETTERS
+    )
 
 
 def test_a_label_outside_the_classes_is_an_error_naming_the_file(workdir):
