@@ -44,10 +44,10 @@ def queue(preset: str, seeds: list[int], extra: list[str], run_id: str) -> list[
     return names
 
 
-def queue_states(names: list[str]) -> dict[str, str]:
-    """The status `dvc queue status` gives each of `names` now (Queued, Running, Success, Failed); absent if none."""
+def queue_states(status: str, names: list[str]) -> dict[str, str]:
+    """The status `dvc queue status` printed for each of `names` (Queued, Running, Success, Failed); absent if none."""
     states = {}
-    for line in dvc("queue", "status").splitlines():
+    for line in status.splitlines():
         words = line.split()
         if len(words) >= 2 and words[1] in names:
             states[words[1]] = words[-1]
@@ -61,13 +61,21 @@ def wait(names: list[str], jobs: int) -> datetime:
     ended = set()
     while len(ended) < len(names):
         time.sleep(POLL_SECONDS)
-        for name, state in queue_states(names).items():
+        status = dvc("queue", "status")
+        states = queue_states(status, names)
+        if "Worker status: 0 active" in status and "Queued" in states.values():
+            # A worker that found the queue empty just before ours arrived stops (seen with a queue that had run
+            # before): ours would wait for ever. Start the workers again.
+            dvc("queue", "start", "-j", str(jobs))
+        for name, state in states.items():
             if state in ENDED and name not in ended:
                 ended.add(name)
                 print(f"{name}: {state.lower()}", flush=True)
                 if state == "Failed":
-                    raise PipelineError(f"experiment {name} failed; `dvc queue logs {name}` shows why "
-                                        f"(the other seeds keep running: `dvc queue status`)")
+                    raise PipelineError(
+                        f"experiment {name} failed; `dvc queue logs {name}` shows why "
+                        f"(the other seeds keep running: `dvc queue status`)"
+                    )
     return started
 
 
@@ -112,19 +120,25 @@ def spread(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f}, sd {sd:.4f}, min {min(values):.4f}, max {max(values):.4f} (n={len(values)})"
 
 
-def report(preset: str, seeds: list[int], names: list[str], seconds: dict[str, float | None], rows: dict[str, dict]) -> None:
+def report(
+    preset: str, seeds: list[int], names: list[str], seconds: dict[str, float | None], rows: dict[str, dict]
+) -> None:
     print(f"\n{preset} preset over {len(seeds)} seeds on {this_cpu().describe()}")
     print(f"{'seed':>4}  {'experiment':<28} {'val_accuracy':>12} {'test accuracy':>13} {'seconds':>8}")
     for seed, name in zip(seeds, names):
         shown = "-" if seconds[name] is None else f"{seconds[name]:.0f}"
-        print(f"{seed:>4}  {name:<28} {metric(rows[name], 'val_accuracy'):>12.4f} {metric(rows[name], 'test accuracy'):>13.4f} "
-              f"{shown:>8}")
+        print(
+            f"{seed:>4}  {name:<28} {metric(rows[name], 'val_accuracy'):>12.4f} {metric(rows[name], 'test accuracy'):>13.4f} "
+            f"{shown:>8}"
+        )
     for label in METRICS:
         print(f"{label + ':':<15} {spread([metric(rows[name], label) for name in names])}")
     times = [seconds[name] for name in names if seconds[name] is not None]
     if times:
-        print(f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} (each run with "
-              "its set-up, one at a time)")
+        print(
+            f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} (each run with "
+            "its set-up, one at a time)"
+        )
 
 
 def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[str]) -> None:
@@ -143,7 +157,9 @@ def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[s
     rows = experiment_rows(shown, names)
     missing = [name for name in names if name not in rows]
     if missing:
-        raise PipelineError(f"dvc exp show has no metrics for {', '.join(missing)}: `dvc queue logs NAME` shows what happened")
+        raise PipelineError(
+            f"dvc exp show has no metrics for {', '.join(missing)}: `dvc queue logs NAME` shows what happened"
+        )
     report(preset, seeds, names, run_seconds(rows, started, jobs), rows)
 
 
@@ -154,12 +170,24 @@ def main(argv: list[str] | None = None) -> None:
         "print each run's validation and test accuracy and seconds, then their mean, standard deviation, min and max. "
         "Run it in the repository, with the pipeline committed; the workspace is not changed.",
     )
-    parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default, params.yaml as it is)")
+    parser.add_argument(
+        "--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default, params.yaml as it is)"
+    )
     parser.add_argument("-n", "--seeds", type=int, default=5, metavar="N", help="how many seeds (default: 5)")
-    parser.add_argument("--first-seed", type=int, default=0, metavar="K", help="train.seed of the first run (default: 0)")
-    parser.add_argument("-j", "--jobs", type=int, default=1, help="runs at a time (default: 1, so that each run's time is its own)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a further params.yaml override for every run, as for dvc exp run -S (repeatable)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, metavar="K", help="train.seed of the first run (default: 0)"
+    )
+    parser.add_argument(
+        "-j", "--jobs", type=int, default=1, help="runs at a time (default: 1, so that each run's time is its own)"
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further params.yaml override for every run, as for dvc exp run -S (repeatable)",
+    )
     args = parser.parse_args(argv)
     run_stage(lambda: run_seeds(args.preset, args.seeds, args.first_seed, args.jobs, args.set))
 

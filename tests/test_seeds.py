@@ -26,13 +26,27 @@ def test_set_options_are_what_dvc_exp_run_s_parses_back_to_the_preset():
 
 
 def test_experiment_rows_finds_named_experiments_wherever_dvc_nests_them():
-    record = {"metrics": {"metrics/train.json": {"data": {"val_accuracy": 0.99}}, "metrics/eval.json": {"data": {"accuracy": 0.98}}}}
-    shown = [{"rev": "workspace", "name": None, "data": {"metrics": {}}},
-             {"rev": "abc", "name": "main", "data": {"metrics": {}},
-              "experiments": [{"revs": [{"rev": "def", "name": "best-seed0-x", "data": record}], "name": "best-seed0-x"}]}]
+    record = {
+        "metrics": {
+            "metrics/train.json": {"data": {"val_accuracy": 0.99}},
+            "metrics/eval.json": {"data": {"accuracy": 0.98}},
+        }
+    }
+    shown = [
+        {"rev": "workspace", "name": None, "data": {"metrics": {}}},
+        {
+            "rev": "abc",
+            "name": "main",
+            "data": {"metrics": {}},
+            "experiments": [{"revs": [{"rev": "def", "name": "best-seed0-x", "data": record}], "name": "best-seed0-x"}],
+        },
+    ]
     rows = seeds.experiment_rows(shown, ["best-seed0-x"])
     assert list(rows) == ["best-seed0-x"]
-    assert seeds.metric(rows["best-seed0-x"], "val_accuracy") == 0.99 and seeds.metric(rows["best-seed0-x"], "test accuracy") == 0.98
+    assert (
+        seeds.metric(rows["best-seed0-x"], "val_accuracy") == 0.99
+        and seeds.metric(rows["best-seed0-x"], "test accuracy") == 0.98
+    )
 
 
 def test_spread_is_mean_sample_sd_min_max_and_n():
@@ -40,9 +54,12 @@ def test_spread_is_mean_sample_sd_min_max_and_n():
 
 
 def test_an_unknown_preset_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mnist_pipeline.seeds", "--preset", "bset"], cwd=tmp_path,
-                            capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr == "error: unknown preset 'bset': choose one of default, fast, best\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.seeds", "--preset", "bset"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert (
+        result.returncode == 1 and result.stderr == "error: unknown preset 'bset': choose one of default, fast, best\n"
+    )
 
 
 def test_run_seconds_one_at_a_time_are_the_gaps_between_the_experiments_commits():
@@ -51,4 +68,28 @@ def test_run_seconds_one_at_a_time_are_the_gaps_between_the_experiments_commits(
     rows = {"b": {"timestamp": "2026-12-05T07:00:52"}, "a": {"timestamp": "2026-12-05T06:58:43"}}
     started = datetime.fromisoformat("2026-12-05T06:56:02")
     assert seeds.run_seconds(rows, started, jobs=1) == {"a": 161.0, "b": 129.0}
-    assert seeds.run_seconds(rows, started, jobs=2) == {"a": None, "b": None}, "side by side, a run's own time is unknown"
+    assert seeds.run_seconds(rows, started, jobs=2) == {"a": None, "b": None}, (
+        "side by side, a run's own time is unknown"
+    )
+
+
+def test_a_worker_that_stopped_before_taking_the_seeds_is_started_again(monkeypatch, capsys):
+    """DVC's worker stops once it finds the queue empty; one that did so just as the seeds were queued leaves them
+    Queued with no worker, and mnist-seeds starts the workers again instead of waiting for ever."""
+    statuses = iter(
+        [
+            "Task  Name  Created  Status\nabc  default-seed0-x  07:22  Queued\n\nWorker status: 0 active, 0 idle\n",
+            "Task  Name  Created  Status\nabc  default-seed0-x  07:22  Running\n\nWorker status: 1 active, 0 idle\n",
+            "Task  Name  Created  Status\nabc  default-seed0-x  07:22  Success\n\nWorker status: 0 active, 0 idle\n",
+        ]
+    )
+    calls = []
+
+    def dvc(*args):
+        calls.append(args)
+        return next(statuses) if args == ("queue", "status") else ""
+
+    monkeypatch.setattr(seeds, "dvc", dvc)
+    monkeypatch.setattr(seeds, "POLL_SECONDS", 0)
+    seeds.wait(["default-seed0-x"], 1)
+    assert calls.count(("queue", "start", "-j", "1")) == 2 and "default-seed0-x: success" in capsys.readouterr().out
