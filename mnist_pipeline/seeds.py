@@ -44,14 +44,17 @@ def queue(preset: str, seeds: list[int], extra: list[str], run_id: str) -> list[
     return names
 
 
-def queue_states(names: list[str]) -> dict[str, str]:
-    """The status `dvc queue status` gives each of `names` now (Queued, Running, Success, Failed); absent if none."""
-    states = {}
+def queue_states(names: list[str]) -> tuple[dict[str, str], bool]:
+    """The status `dvc queue status` gives each of `names` now (Queued, Running, Success, Failed; absent if none),
+    and whether any worker is left to run them."""
+    states, workers = {}, True
     for line in dvc("queue", "status").splitlines():
         words = line.split()
         if len(words) >= 2 and words[1] in names:
             states[words[1]] = words[-1]
-    return states
+        elif line.startswith("Worker status: 0 active, 0 idle"):
+            workers = False
+    return states, workers
 
 
 def wait(names: list[str], jobs: int) -> datetime:
@@ -61,7 +64,11 @@ def wait(names: list[str], jobs: int) -> datetime:
     ended = set()
     while len(ended) < len(names):
         time.sleep(POLL_SECONDS)
-        for name, state in queue_states(names).items():
+        states, workers = queue_states(names)
+        if not workers and "Queued" in states.values():
+            # A worker can end with tasks still queued (after an earlier `dvc queue stop --kill`): start another.
+            dvc("queue", "start", "-j", str(jobs))
+        for name, state in states.items():
             if state in ENDED and name not in ended:
                 ended.add(name)
                 print(f"{name}: {state.lower()}", flush=True)
