@@ -24,10 +24,12 @@ repro: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
-# Experiments side by side, best validation accuracy first: the accuracies and the params that differ between them.
+# Experiments side by side, best validation accuracy first: the validation and test accuracies and the params that
+# differ between them. Not the file hashes (deps, and the sha256 params), nor the scores `dvc metrics show` has.
+# DVC matches each --drop pattern at the start of a column's name (re.match): hence the leading .* of some.
 compare: $(VENV)/.installed
 	$(BIN)/dvc exp show --no-pager --only-changed --sort-by val_accuracy --sort-order desc \
-		--drop 'Created|metrics/export.json:accuracy|int8_|^models/|^data/|\.py$$'
+		--drop 'Created|State|Executor|metrics/export.json:accuracy|int8_|(precision|recall|f1)$$|.*sha256$$|models/|data/|.*\.py$$'
 
 # A preset (default, fast or best; mnist_pipeline/presets.py) over N seeds as queued DVC experiments, run one at a
 # time; prints each run's accuracies and seconds, then their mean, standard deviation, min and max. Needs the pipeline

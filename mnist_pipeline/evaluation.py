@@ -35,7 +35,7 @@ def overall_scores(actual: np.ndarray, predicted: np.ndarray, class_count: int) 
 
 
 def per_class_scores(actual: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    """One `class, precision, recall, f1, support` row per class, in label order: the data of the per-class bar chart."""
+    """One `class, precision, recall, f1, support` row per class, in label order: the data of the per-class chart."""
     precision, recall, f1, support = precision_recall_fscore_support(
         actual, predicted, labels=list(range(len(class_names))), average=None, zero_division=0
     )

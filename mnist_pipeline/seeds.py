@@ -64,8 +64,8 @@ def wait(names: list[str], jobs: int) -> datetime:
         status = dvc("queue", "status")
         states = queue_states(status, names)
         if "Worker status: 0 active" in status and "Queued" in states.values():
-            # A worker that found the queue empty just before ours arrived stops (seen with a queue that had run
-            # before): ours would wait for ever. Start the workers again.
+            # A worker can stop with ours still queued (seen after a sweep's `dvc queue stop --kill`, and a worker
+            # that found the queue empty just before ours arrived): they would wait for ever. Start the workers again.
             dvc("queue", "start", "-j", str(jobs))
         for name, state in states.items():
             if state in ENDED and name not in ended:

@@ -210,3 +210,21 @@ def test_the_first_problem_in_file_order_is_reported(tmp_path):
     update_params(path, {"model.resnet18": {"freeze": True}, "train": {"lr": 0, "epochs": 0}})
     with pytest.raises(PipelineError, match=r"train.epochs = 0 is not allowed"):
         load_params(path)
+
+
+@pytest.mark.parametrize("override, changed", [("train.epochs=3", ["  epochs: 3"]), ("model.cnn.conv_channels=[32,64]", ["    - 64"])])
+def test_dvc_exp_run_s_rewrites_only_the_lines_of_the_value_it_sets(tmp_path, override, changed):
+    """`dvc exp run -S` loads params.yaml, applies the override and writes the whole file back with its own YAML
+    style (dvc.utils.hydra.apply_overrides, the code it runs); written in that style, the file changes where the
+    value does only, so that `git diff` shows the experiment's change and nothing else."""
+    import difflib
+
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    original = (REPO_ROOT / "params.yaml").read_text()
+    path.write_text(original)
+    apply_overrides(path, [override])
+    added = [line[1:] for line in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), lineterm="", n=0)
+             if line.startswith("+") and not line.startswith("+++")]
+    assert [line.split("#")[0].rstrip() for line in added] == changed, "\n".join(added)

@@ -152,7 +152,8 @@ def test_metrics_have_every_key_in_range(project):
     assert 1 <= summary["best"]["epoch"] <= TINY_PARAMS["train"]["epochs"]
     assert json.loads((repo / "metrics/train.json").read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
     for curve in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
-        assert len((repo / f"metrics/train/plots/metrics/{curve}.tsv").read_text().splitlines()) == 1 + TINY_PARAMS["train"]["epochs"]
+        rows = list(csv.DictReader((repo / f"metrics/train/plots/metrics/{curve}.tsv").open(), delimiter="\t"))
+        assert [int(row["step"]) for row in rows] == list(range(1, TINY_PARAMS["train"]["epochs"] + 1)), "step is the epoch"
 
 
 def test_dvc_metrics_show_fits_a_120_column_terminal_with_accuracy_precision_recall_and_f1(project):
@@ -488,3 +489,24 @@ def test_mnist_seeds_queues_runs_and_summarises_two_seeds_without_touching_the_w
     assert re.search(r"^val_accuracy:\s+mean .+\(n=2\)$", output, flags=re.MULTILINE) and "seconds:" in output, output
     assert (clone / "params.yaml").read_bytes() == params_before, "queued runs leave the workspace alone"
 
+
+
+def test_make_compare_shows_the_params_that_differ_within_120_columns_and_no_hashes(pushed_clone):
+    """The README's loop: one experiment with the epochs and the learning rate changed (and a hash, not shown), in a
+    clone of its own, so that the other tests' experiments do not widen the table."""
+    pushed, _ = pushed_clone
+    clone = pushed.parent / "compare-clone"
+    run(["git", "clone", "-q", str(pushed), str(clone)], pushed.parent)
+    run(["dvc", "pull"], clone)
+    run(["dvc", "exp", "run", "--temp", "-n", "other-weights-hash", "-S", f"weights.sha256={'0' * 64}", "-S", "train.lr=0.02",
+         "-S", "train.epochs=1"], clone)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = re.search(r"^compare:.*\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE).group(1)
+    command = recipe.replace("\\\n", " ").replace("$(BIN)/", "").replace("$$", "$").strip()
+    result = subprocess.run(["bash", "-c", command], cwd=clone, env={**command_env(), "COLUMNS": "400"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    header = next(line for line in table if "Experiment" in line).split()
+    assert {"Experiment", "train.lr", "train.epochs"} <= set(header), table
+    assert "sha256" not in result.stdout and "other-weights-hash" in result.stdout, "a hash is not a param to compare"
+    assert max(map(len, table)) <= 120, "\n".join(table)
