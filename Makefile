@@ -21,7 +21,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 repro: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# ruff's lint and format checks first (pyproject.toml configures them; `ruff format .` fixes the format), then the suite.
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 # Experiments side by side, best validation accuracy first: the validation and test accuracies and the params that

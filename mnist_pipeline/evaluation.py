@@ -1,4 +1,4 @@
-"""A classifier's results on a test set: headline metrics, per-class scores, predictions, a gallery of surest mistakes."""
+"""A classifier's results on a test set: headline metrics, per-class scores, predictions, its surest mistakes."""
 
 from pathlib import Path
 

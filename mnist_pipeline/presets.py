@@ -5,7 +5,7 @@ import json
 
 # One epoch, tuned for time to 99.0% test accuracy with the default (classic) architecture, in params.yaml's fp32.
 # The benchmark trains it in the fastest honest precision for the machine: bf16 autocast where the CPU computes bf16
-# natively (AVX512-BF16 or AMX; weights and optimiser state stay fp32), fp32 elsewhere, where bf16 is emulated and slower.
+# natively (AVX512-BF16 or AMX; weights and optimiser state stay fp32), fp32 elsewhere, where bf16 is emulated, slower.
 FAST = {
     "model": {"cnn": {"dropout": 0.0}},
     "train": {

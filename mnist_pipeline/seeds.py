@@ -117,7 +117,8 @@ def metric(data: dict, name: str) -> float:
 def spread(values: list[float]) -> str:
     """Mean, sample standard deviation, min and max of `values`, with n."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"mean {statistics.mean(values):.4f}, sd {sd:.4f}, min {min(values):.4f}, max {max(values):.4f} (n={len(values)})"
+    mean = statistics.mean(values)
+    return f"mean {mean:.4f}, sd {sd:.4f}, min {min(values):.4f}, max {max(values):.4f} (n={len(values)})"
 
 
 def report(
@@ -125,19 +126,19 @@ def report(
 ) -> None:
     print(f"\n{preset} preset over {len(seeds)} seeds on {this_cpu().describe()}")
     print(f"{'seed':>4}  {'experiment':<28} {'val_accuracy':>12} {'test accuracy':>13} {'seconds':>8}")
-    for seed, name in zip(seeds, names):
+    for seed, name in zip(seeds, names, strict=True):
         shown = "-" if seconds[name] is None else f"{seconds[name]:.0f}"
         print(
-            f"{seed:>4}  {name:<28} {metric(rows[name], 'val_accuracy'):>12.4f} {metric(rows[name], 'test accuracy'):>13.4f} "
-            f"{shown:>8}"
+            f"{seed:>4}  {name:<28} {metric(rows[name], 'val_accuracy'):>12.4f} "
+            f"{metric(rows[name], 'test accuracy'):>13.4f} {shown:>8}"
         )
     for label in METRICS:
         print(f"{label + ':':<15} {spread([metric(rows[name], label) for name in names])}")
     times = [seconds[name] for name in names if seconds[name] is not None]
     if times:
         print(
-            f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} (each run with "
-            "its set-up, one at a time)"
+            f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} "
+            "(each run with its set-up, one at a time)"
         )
 
 

@@ -196,8 +196,8 @@ class EpochTotals:
 
 def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
     """A new run on the worker's device: both splits, the model (its weights drawn from torch's global generator,
-    which the caller seeds; pretrained ones from data/pretrained/ if model.resnet18.pretrained asks), optimiser, schedule
-    and mixed precision. A frozen backbone's features are to be computed once when nothing augments its input,
+    which the caller seeds; pretrained ones from data/pretrained/ if model.resnet18.pretrained asks), optimiser,
+    schedule and mixed precision. A frozen backbone's features are to be computed once when nothing augments its input,
     unless cache_features is false (to measure what that saves)."""
     device = worker.device
     generator = torch.Generator(device).manual_seed(worker.seed(params.train.seed))

@@ -1,9 +1,9 @@
 """Stage 5, evaluate: the trained model on the held-out test set, as headline metrics and the data of its plots.
 
 metrics/eval.json holds the headline numbers, test accuracy and macro precision, recall and F1, one short row in
-`dvc metrics show`; the counts and the device go to metrics/eval_details.json. The per-class numbers (metrics/per_class.csv), every prediction
-(metrics/predictions.csv, for the confusion matrices) and a gallery of the surest mistakes (metrics/misclassified/)
-are plots, declared in dvc.yaml.
+`dvc metrics show`; the counts and the device go to metrics/eval_details.json. The per-class numbers
+(metrics/per_class.csv), every prediction (metrics/predictions.csv, for the confusion matrices) and a gallery of the
+surest mistakes (metrics/misclassified/) are plots, declared in dvc.yaml.
 """
 
 from pathlib import Path

@@ -71,7 +71,9 @@ def train(
 
 
 def log_epoch(live: Live, epochs: int, result: dict) -> None:
-    live.step = result["epoch"]  # the curves' x is the epoch as the log counts it, 1 to epochs, not DVCLive's 0-based step
+    live.step = result[
+        "epoch"
+    ]  # the curves' x is the epoch as the log counts it, 1 to epochs, not DVCLive's 0-based step
     for name in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
         live.log_metric(name, round(result[name], 6))
     live.next_step()

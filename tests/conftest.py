@@ -8,8 +8,8 @@ import http.server
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -44,14 +44,14 @@ def write_synthetic_mnist(directory: Path, train: int = 300, test: int = 100) ->
     directory.mkdir(parents=True, exist_ok=True)
     train_images, train_labels = synthetic_digits(train, seed=1)
     test_images, test_labels = synthetic_digits(test, seed=2)
-    for name, array in zip(MNIST_FILES, (train_images, train_labels, test_images, test_labels)):
+    for name, array in zip(MNIST_FILES, (train_images, train_labels, test_images, test_labels), strict=True):
         write_idx(array, directory / name)
     return {name: hashlib.sha256(gzip.decompress((directory / name).read_bytes())).hexdigest() for name in MNIST_FILES}
 
 
 def dataset_files(hashes: dict[str, str]) -> dict[str, dict]:
     """write_synthetic_mnist's hashes as the file entries of params.yaml's dataset section."""
-    return {key: {"file": name, "sha256": hashes[name]} for key, name in zip(DATASET_FILES, MNIST_FILES)}
+    return {key: {"file": name, "sha256": hashes[name]} for key, name in zip(DATASET_FILES, MNIST_FILES, strict=True)}
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -186,8 +186,13 @@ def write_linear_model(path: Path, weights: np.ndarray, class_names: list[str], 
         numpy_helper.from_array(bias.astype(np.float32), "bias"),
     ]
     graph = helper.make_graph(
-        nodes, "linear", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 1, side, side])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", classes]) for name in ("logits", "probabilities")],
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 1, side, side])],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", classes])
+            for name in ("logits", "probabilities")
+        ],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -214,8 +219,13 @@ def mnist_serve(*args: str, cwd: Path | None = None) -> Iterator[tuple[str, subp
     import urllib.request
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mnist_pipeline.serve", "--port", str(port), *args], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_pipeline.serve", "--port", str(port), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -225,7 +235,7 @@ def mnist_serve(*args: str, cwd: Path | None = None) -> Iterator[tuple[str, subp
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mnist-serve did not start: {process.communicate()[0]}")
+                    raise AssertionError(f"mnist-serve did not start: {process.communicate()[0]}") from None
                 time.sleep(0.1)
         yield url, process
     finally:

@@ -6,8 +6,8 @@ import tomllib
 from pathlib import Path
 
 import yaml
-
 from conftest import REPO_ROOT
+
 from mnist_pipeline.presets import flattened
 
 DOCS = REPO_ROOT / "docs"
@@ -35,7 +35,9 @@ def test_every_param_is_documented_with_its_default():
         if not isinstance(value, (dict, list)) or all(isinstance(v, (int, float)) for v in value):
             shown = yaml.safe_load(documented[name].strip("`"))
             assert shown == value, f"{PARAMETERS_PAGE.name}: {name} defaults to {shown!r}; params.yaml has {value!r}"
-    assert set(documented) <= set(params), f"{PARAMETERS_PAGE.name} documents unknown params: {set(documented) - set(params)}"
+    assert set(documented) <= set(params), (
+        f"{PARAMETERS_PAGE.name} documents unknown params: {set(documented) - set(params)}"
+    )
 
 
 def recipe(pattern: str) -> dict:
@@ -49,7 +51,9 @@ def test_documented_recipes_are_the_presets():
 
     assert recipe(r"dvc exp run -n best .+") == flattened(BEST)
     assert recipe(r"dvc exp run -S train\.epochs=1 -S .+") == flattened(FAST)
-    assert " ".join(f"-S {option}" for option in set_options(BEST)) in RECIPES_PAGE.read_text(), "as mnist-seeds queues it"
+    assert " ".join(f"-S {option}" for option in set_options(BEST)) in RECIPES_PAGE.read_text(), (
+        "as mnist-seeds queues it"
+    )
 
 
 def test_readme_is_short_and_names_the_test_command():
@@ -95,7 +99,8 @@ def test_commands_and_modules_named_in_the_docs_exist():
         modules = re.findall(r"\b(?:mnist_pipeline|stages|tests)/[\w/]+\.py\b", text)
         wrong += [f"{page.name}: python -m stages.{name}" for name in stage_commands if name not in stages]
         wrong += [
-            f"{page.name}: {command}" for command in commands
+            f"{page.name}: {command}"
+            for command in commands
             if command not in scripts | other_names and not command.startswith("mnist-pipeline")
         ]
         wrong += [f"{page.name}: {module}" for module in modules if not (REPO_ROOT / module).exists()]

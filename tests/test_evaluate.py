@@ -49,17 +49,25 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
     gallery = sorted((workdir / evaluate.GALLERY_DIR).iterdir())
     assert [p.name for p in gallery] == [f"{rank}.png" for rank in range(1, len(expected) + 1)] and len(expected) == 5
     first = Image.open(gallery[0])
-    assert first.width >= 28 * evaluation.GALLERY_SCALE and first.height > 28 * evaluation.GALLERY_SCALE, "digit plus caption"
+    assert first.width >= 28 * evaluation.GALLERY_SCALE and first.height > 28 * evaluation.GALLERY_SCALE, (
+        "digit plus caption"
+    )
     digit = np.asarray(first)[: 28 * evaluation.GALLERY_SCALE]
     left = (first.width - 28 * evaluation.GALLERY_SCALE) // 2
     np.testing.assert_array_equal(digit[::4, left : left + 112 : 4], images[expected[0]])  # pixel for pixel, 4x
     assert (np.asarray(first)[28 * evaluation.GALLERY_SCALE :] < 128).any(), "the caption is drawn under the digit"
 
     captions = []
-    monkeypatch.setattr(evaluation, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1)))
+    monkeypatch.setattr(
+        evaluation, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1))
+    )
     evaluate.main()
     assert captions == [
-        [f"true: {CLASS_NAMES[labels[i]]}", f"predicted: {CLASS_NAMES[predicted[i]]}", f"confidence: {float(confidence[i]):.1%}"]
+        [
+            f"true: {CLASS_NAMES[labels[i]]}",
+            f"predicted: {CLASS_NAMES[predicted[i]]}",
+            f"confidence: {float(confidence[i]):.1%}",
+        ]
         for i in expected
     ]
 
@@ -68,7 +76,9 @@ def test_eval_json_has_accuracy_and_macro_scores_and_per_class_scores_are_a_csv(
     workdir, _, labels = evaluated
     metrics = json.loads((workdir / evaluate.METRICS_FILE).read_text())
     details = json.loads((workdir / evaluate.DETAILS_FILE).read_text())
-    assert set(metrics) == {"accuracy", "precision", "recall", "f1"}, "the headline numbers: `dvc metrics show` shows them"
+    assert set(metrics) == {"accuracy", "precision", "recall", "f1"}, (
+        "the headline numbers: `dvc metrics show` shows them"
+    )
     assert set(details) == {"misclassified", "test_images", "best_epoch", "device"}, "each number in one file only"
     assert metrics["accuracy"] == pytest.approx(1 - details["misclassified"] / details["test_images"], abs=1e-4)
     rows = list(csv.DictReader((workdir / evaluate.PER_CLASS_FILE).open()))
@@ -97,5 +107,7 @@ def test_csv_files_keep_the_csv_modules_bytes(tmp_path):
     assert (tmp_path / "per_class.csv").read_bytes() == (
         b'class,precision,recall,f1,support\r\n"say ""hi""",1.0,0.0063,0.0124,160\r\nb ,0.0592,1.0,0.1117,10\r\n'
     )
-    evaluation.write_csv(tmp_path / "predictions.csv", evaluation.predictions_table(actual[158:161], predicted[158:161], ["0", "1"]))
+    evaluation.write_csv(
+        tmp_path / "predictions.csv", evaluation.predictions_table(actual[158:161], predicted[158:161], ["0", "1"])
+    )
     assert (tmp_path / "predictions.csv").read_bytes() == b"actual,predicted\r\n0,1\r\n0,1\r\n1,1\r\n"

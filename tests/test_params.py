@@ -212,7 +212,9 @@ def test_the_first_problem_in_file_order_is_reported(tmp_path):
         load_params(path)
 
 
-@pytest.mark.parametrize("override, changed", [("train.epochs=3", ["  epochs: 3"]), ("model.cnn.conv_channels=[32,64]", ["    - 64"])])
+@pytest.mark.parametrize(
+    "override, changed", [("train.epochs=3", ["  epochs: 3"]), ("model.cnn.conv_channels=[32,64]", ["    - 64"])]
+)
 def test_dvc_exp_run_s_rewrites_only_the_lines_of_the_value_it_sets(tmp_path, override, changed):
     """`dvc exp run -S` loads params.yaml, applies the override and writes the whole file back with its own YAML
     style (dvc.utils.hydra.apply_overrides, the code it runs); written in that style, the file changes where the
@@ -225,6 +227,9 @@ def test_dvc_exp_run_s_rewrites_only_the_lines_of_the_value_it_sets(tmp_path, ov
     original = (REPO_ROOT / "params.yaml").read_text()
     path.write_text(original)
     apply_overrides(path, [override])
-    added = [line[1:] for line in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), lineterm="", n=0)
-             if line.startswith("+") and not line.startswith("+++")]
+    added = [
+        line[1:]
+        for line in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), lineterm="", n=0)
+        if line.startswith("+") and not line.startswith("+++")
+    ]
     assert [line.split("#")[0].rstrip() for line in added] == changed, "\n".join(added)

@@ -31,7 +31,17 @@ from mnist_pipeline.params import DATASET_FILES
 pytestmark = pytest.mark.slow
 
 STAGES = ["download", "pretrained", "preprocess", "train", "evaluate", "export"]
-TRACKED = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", "stages", "mnist_pipeline"]
+TRACKED = [
+    "dvc.yaml",
+    "params.yaml",
+    ".gitignore",
+    ".dvcignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots",
+    "stages",
+    "mnist_pipeline",
+]
 
 
 def command_env() -> dict[str, str]:
@@ -40,8 +50,10 @@ def command_env() -> dict[str, str]:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@localhost",
     }
     env.pop("MNIST_PIPELINE_MIRRORS", None)  # the params' mirrors, served on 127.0.0.1, are what is tested
     return env
@@ -87,7 +99,11 @@ def project(tmp_path_factory):
             shutil.copy(source, target)
     update_params(
         repo / "params.yaml",
-        {**TINY_PARAMS, "dataset": dataset_files(hashes), "download": {"mirrors": [f"{url}/broken/", f"{url}/good/"], "timeout": 5, "retries": 0}},
+        {
+            **TINY_PARAMS,
+            "dataset": dataset_files(hashes),
+            "download": {"mirrors": [f"{url}/broken/", f"{url}/good/"], "timeout": 5, "retries": 0},
+        },
     )
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
@@ -105,7 +121,9 @@ def test_first_repro_runs_every_stage_and_fails_over_to_the_good_mirror(project)
     assert ran_stages(output) == STAGES
     assert "/good/train-images-idx3-ubyte.gz" in output
     dataset = yaml.safe_load((repo / "params.yaml").read_text())["dataset"]
-    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(dataset[key]["file"] for key in DATASET_FILES)
+    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == sorted(
+        dataset[key]["file"] for key in DATASET_FILES
+    )
     assert (repo / "data/pretrained/none.txt").is_file(), "model.arch: cnn fetches nothing, and says so"
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert meta["counts"] == {"train": 540, "val": 60, "test": 200}
@@ -132,10 +150,21 @@ def test_metrics_have_every_key_in_range(project):
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert set(exported) == {"accuracy", "int8_accuracy", "int8_agreement"}
     checks = json.loads((repo / "metrics/export_details.json").read_text())
-    assert set(checks) == {
-        "max_abs_diff", "probabilities_max_abs_diff", "size_bytes", "int8_size_bytes", "test_images",
-        "calibration_images", "int8_reference_images", "int8_reference_agreement", "int8_layer_max_steps",
-    } and checks["max_abs_diff"] <= 1e-4
+    assert (
+        set(checks)
+        == {
+            "max_abs_diff",
+            "probabilities_max_abs_diff",
+            "size_bytes",
+            "int8_size_bytes",
+            "test_images",
+            "calibration_images",
+            "int8_reference_images",
+            "int8_reference_agreement",
+            "int8_layer_max_steps",
+        }
+        and checks["max_abs_diff"] <= 1e-4
+    )
     assert checks["int8_reference_images"] == 200 and checks["int8_reference_agreement"] == 1.0
     assert checks["int8_layer_max_steps"] <= 1
     assert exported["accuracy"] == metrics["accuracy"]
@@ -143,9 +172,12 @@ def test_metrics_have_every_key_in_range(project):
     assert 0 <= exported["int8_accuracy"] <= 1 and 0 <= exported["int8_agreement"] <= 1
     assert exported["accuracy"] - exported["int8_accuracy"] <= TINY_PARAMS["export"]["int8_max_accuracy_drop"]
     assert checks["int8_size_bytes"] == (repo / "models/model.int8.onnx").stat().st_size
-    assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.int8.onnx", "model.onnx", "model.pt"], (
-        "the ONNX model is one self-contained file, with no external weights beside it"
-    )
+    assert sorted(p.name for p in (repo / "models").iterdir()) == [
+        ".gitignore",
+        "model.int8.onnx",
+        "model.onnx",
+        "model.pt",
+    ], "the ONNX model is one self-contained file, with no external weights beside it"
 
     summary = json.loads((repo / "metrics/train/metrics.json").read_text())
     assert set(summary) == {"best", "step"}, "the kept epoch only: the last epoch's numbers are in the curves"
@@ -153,13 +185,24 @@ def test_metrics_have_every_key_in_range(project):
     assert json.loads((repo / "metrics/train.json").read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
     for curve in ["train/loss", "train/accuracy", "val/loss", "val/accuracy"]:
         rows = list(csv.DictReader((repo / f"metrics/train/plots/metrics/{curve}.tsv").open(), delimiter="\t"))
-        assert [int(row["step"]) for row in rows] == list(range(1, TINY_PARAMS["train"]["epochs"] + 1)), "step is the epoch"
+        assert [int(row["step"]) for row in rows] == list(range(1, TINY_PARAMS["train"]["epochs"] + 1)), (
+            "step is the epoch"
+        )
 
 
 def test_dvc_metrics_show_fits_a_120_column_terminal_with_accuracy_precision_recall_and_f1(project):
     repo, _ = project
     table = run(["dvc", "metrics", "show"], repo).splitlines()
-    assert table[0].split() == ["Path", "accuracy", "f1", "int8_accuracy", "int8_agreement", "precision", "recall", "val_accuracy"]
+    assert table[0].split() == [
+        "Path",
+        "accuracy",
+        "f1",
+        "int8_accuracy",
+        "int8_agreement",
+        "precision",
+        "recall",
+        "val_accuracy",
+    ]
     assert max(map(len, table)) <= 120, "\n".join(table)
 
 
@@ -199,7 +242,13 @@ def test_forced_reruns_give_the_same_hashes_for_every_output(project):
     for _ in range(2):
         assert ran_stages(run(["dvc", "repro", "-f"], repo)) == STAGES
         assert out_hashes(repo) == first, "same params, same machine: same model, metrics and plots"
-    assert {"models/model.pt", "models/model.onnx", "models/model.int8.onnx", "metrics/eval.json", "metrics/train.json"} <= set(first)
+    assert {
+        "models/model.pt",
+        "models/model.onnx",
+        "models/model.int8.onnx",
+        "metrics/eval.json",
+        "metrics/train.json",
+    } <= set(first)
 
 
 def test_the_unused_architectures_keys_rerun_nothing(project):
@@ -238,15 +287,20 @@ def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_
     weights.parent.mkdir()
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    update_params(repo / "params.yaml", {
-        "model": {"arch": "resnet18", "resnet18": {"pretrained": "imagenet", "freeze": True, "input_size": 32}},
-        "train": {"epochs": 1, "shift_pixels": 0},
-        "weights": {"file": weights.name, "sha256": file_sha256(weights), "mirrors": [f"{server}weights/"]},
-    })
+    update_params(
+        repo / "params.yaml",
+        {
+            "model": {"arch": "resnet18", "resnet18": {"pretrained": "imagenet", "freeze": True, "input_size": 32}},
+            "train": {"epochs": 1, "shift_pixels": 0},
+            "weights": {"file": weights.name, "sha256": file_sha256(weights), "mirrors": [f"{server}weights/"]},
+        },
+    )
     output = run(["dvc", "repro"], repo)
     assert ran_stages(output) == ["pretrained", "train", "evaluate", "export"]
     assert [p.name for p in (repo / "data/pretrained").iterdir()] == [weights.name]
-    assert json.loads((repo / "metrics/export_details.json").read_text())["max_abs_diff"] <= 1e-4, "ONNX verified against PyTorch"
+    assert json.loads((repo / "metrics/export_details.json").read_text())["max_abs_diff"] <= 1e-4, (
+        "ONNX verified against PyTorch"
+    )
     assert ran_stages(run(["dvc", "repro"], repo)) == []
     (repo / "params.yaml").write_text(params_before)  # back to the CNN, restored from the run-cache
     assert "Stage 'train' is cached - skipping run" in run(["dvc", "repro"], repo)
@@ -254,13 +308,24 @@ def test_switching_to_a_frozen_pretrained_resnet_fetches_its_weights_and_reruns_
 
 def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(project):
     repo, _ = project
-    kept = {path: (repo / path).read_bytes() for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train.json"]}
+    kept = {
+        path: (repo / path).read_bytes()
+        for path in ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train.json"]
+    }
     good_params = (repo / "params.yaml").read_text()
     update_params(repo / "params.yaml", {"train": {"dropout_rate": 0.5}})
-    result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    result = subprocess.run(
+        ["dvc", "repro"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert result.returncode != 0
-    assert "error: params.yaml: unknown key train.dropout_rate = 0.5 (did you mean model.cnn.dropout?); the keys of 'train' are:" in result.stdout + result.stderr
+    assert (
+        "error: params.yaml: unknown key train.dropout_rate = 0.5 (did you mean model.cnn.dropout?); "
+        "the keys of 'train' are:" in result.stdout + result.stderr
+    )
     assert "Traceback" not in result.stdout + result.stderr
     # No out persists (that would turn the run-cache off), so DVC deleted train's outs before running it;
     # the stages after it did not run and kept theirs.
@@ -277,16 +342,30 @@ def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(pro
 
 CHROMIUM = shutil.which("chromium")
 OFFLINE = [  # no proxy that answers, no name that resolves: a page that needs the network stays blank
-    "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--proxy-server=127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
 ]
 
 
 def rendered_dom(page: Path) -> str:
     """The page's DOM after headless Chromium, with networking off, has run its scripts."""
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *OFFLINE,
-         f"--user-data-dir={page.parent / '.chromium'}", "--virtual-time-budget=30000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            *OFFLINE,
+            f"--user-data-dir={page.parent / '.chromium'}",
+            "--virtual-time-budget=30000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and "</html>" in result.stdout, result.stderr[-2000:]
     return result.stdout
@@ -307,11 +386,15 @@ def assert_every_plot_drew(page: Path, repo: Path) -> None:
     assert 'class="vega-error"' not in dom, re.findall(r'class="vega-error">([^<]*)', dom)
     vega, image_dirs = declared_plots(repo)
     starts = [(m.start(), m.group(1)) for m in re.finditer(r'<div id="([^"]+)"', dom)]
-    sections = {ident: dom[start:end] for (start, ident), (end, _) in zip(starts, starts[1:] + [(len(dom), "")])}
+    sections = {
+        ident: dom[start:end] for (start, ident), (end, _) in zip(starts, starts[1:] + [(len(dom), "")], strict=True)
+    }
     for plot in vega:
         ident = Renderer.remove_special_chars(plot)  # the id of the <div> dvc-render gives the plot
         assert ident in sections, f"no element for plot {plot!r}"
-        assert re.search(r'<(canvas|svg)[^>]*class="marks"', sections[ident]), f"plot {plot!r} drew nothing: {sections[ident][:500]}"
+        assert re.search(r'<(canvas|svg)[^>]*class="marks"', sections[ident]), (
+            f"plot {plot!r} drew nothing: {sections[ident][:500]}"
+        )
     for directory in image_dirs:
         pngs = sorted(p.name for p in (repo / directory).glob("*.png"))
         sources = [src for src in re.findall(r'<img src="([^"]+)"', dom) if src.endswith(".png")]
@@ -325,8 +408,10 @@ def test_plots_show_and_diff_draw_every_plot_with_no_network(project):
     repo, _ = project
     blank = repo / "plots_offline" / "cdn.html"  # the check itself must be able to fail: a CDN script cannot load
     blank.parent.mkdir(exist_ok=True)
-    blank.write_text('<html><head><script src="https://cdn.jsdelivr.net/npm/vega@5"></script></head>'
-                     '<body><p id="result"></p><script>result.textContent = "vega is " + typeof vega</script></body></html>')
+    blank.write_text(
+        '<html><head><script src="https://cdn.jsdelivr.net/npm/vega@5"></script></head>'
+        '<body><p id="result"></p><script>result.textContent = "vega is " + typeof vega</script></body></html>'
+    )
     assert "vega is undefined" in rendered_dom(blank)
 
     # The synthetic digits are too easy for a gallery: a model trained at a crawl leaves mistakes to show.
@@ -344,7 +429,13 @@ def test_plots_show_and_diff_draw_every_plot_with_no_network(project):
 # Run-cache, remote storage, model registry and queued sweeps: each test starts from the last commit.
 
 ONE_EPOCH = {"epochs": 1, "seed": 7}  # train params no earlier test runs
-KEPT_OUTPUTS = ["models/model.pt", "models/model.onnx", "metrics/eval.json", "metrics/train.json", "metrics/predictions.csv"]
+KEPT_OUTPUTS = [
+    "models/model.pt",
+    "models/model.onnx",
+    "metrics/eval.json",
+    "metrics/train.json",
+    "metrics/predictions.csv",
+]
 
 
 def reset_to_head(repo: Path) -> None:
@@ -360,7 +451,12 @@ def read_outputs(repo: Path) -> dict[str, bytes]:
 def test_second_of_two_identical_experiments_is_restored_from_the_run_cache(project):
     repo, _ = project
     reset_to_head(repo)
-    experiment = ["dvc", "exp", "run", *[arg for key, value in ONE_EPOCH.items() for arg in ["-S", f"train.{key}={value}"]]]
+    experiment = [
+        "dvc",
+        "exp",
+        "run",
+        *[arg for key, value in ONE_EPOCH.items() for arg in ["-S", f"train.{key}={value}"]],
+    ]
     assert ran_stages(run(experiment, repo)) == ["train", "evaluate", "export"]
     first = read_outputs(repo)
     reset_to_head(repo)
@@ -395,7 +491,7 @@ def test_checkout_of_an_earlier_commit_then_repro_restores_its_model_without_tra
 
 
 def test_an_experiment_with_two_training_processes_trains_then_evaluates_and_exports_its_model(project):
-    """train.processes: 2 under `dvc exp run`: the stage starts its workers itself; the checkpoint is as one process's."""
+    """train.processes: 2 under `dvc exp run`: the stage starts its workers itself; the checkpoint is one process's."""
     repo, _ = project
     reset_to_head(repo)
     try:
@@ -403,8 +499,15 @@ def test_an_experiment_with_two_training_processes_trains_then_evaluates_and_exp
         assert ran_stages(output) == ["train", "evaluate", "export"]
         assert "training on cpu (2 processes of 1 CPU thread each)" in output and output.count("kept epoch") == 1
         assert json.loads((repo / "metrics/eval.json").read_text())["accuracy"] > 0.5
-        assert json.loads((repo / "metrics/export_details.json").read_text())["max_abs_diff"] <= 1e-4, "ONNX verified against PyTorch"
-        assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "model.int8.onnx", "model.onnx", "model.pt"]
+        assert json.loads((repo / "metrics/export_details.json").read_text())["max_abs_diff"] <= 1e-4, (
+            "ONNX verified against PyTorch"
+        )
+        assert sorted(p.name for p in (repo / "models").iterdir()) == [
+            ".gitignore",
+            "model.int8.onnx",
+            "model.onnx",
+            "model.pt",
+        ]
         assert not list(repo.rglob(".*.tmp"))
     finally:
         reset_to_head(repo)
@@ -429,7 +532,9 @@ def test_push_then_pull_gives_a_fresh_clone_the_models_and_data_without_running_
     storage = repo.parent / "mnist-pipeline-storage"
     assert any(path.is_file() for path in storage.rglob("*")), "the default remote is a directory beside the clone"
     assert "metrics/eval.json" in metrics_before_pull and "accuracy" in metrics_before_pull, "metrics are in git"
-    data = [str(path.relative_to(repo)) for folder in ["data/raw", "data/prepared"] for path in (repo / folder).iterdir()]
+    data = [
+        str(path.relative_to(repo)) for folder in ["data/raw", "data/prepared"] for path in (repo / folder).iterdir()
+    ]
     for path in ["models/model.pt", "models/model.onnx", "metrics/predictions.csv", *data]:
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert ran_stages(run(["dvc", "repro"], clone)) == []
@@ -439,8 +544,10 @@ def test_artifacts_get_fetches_the_onnx_model_by_name(project, pushed_clone):
     repo, _ = project
     artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
     assert {name: (a["path"], a["type"]) for name, a in artifacts.items()} == {
-        "mnist-cnn": ("models/model.pt", "model"), "mnist-cnn-onnx": ("models/model.onnx", "model"),
-        "mnist-cnn-int8": ("models/model.int8.onnx", "model")}
+        "mnist-cnn": ("models/model.pt", "model"),
+        "mnist-cnn-onnx": ("models/model.onnx", "model"),
+        "mnist-cnn-int8": ("models/model.int8.onnx", "model"),
+    }
     assert all(a["desc"] and a["labels"] for a in artifacts.values())
     run(["git", "tag", "-a", "mnist-cnn-onnx@v1.0.0", "-m", "first registered version"], repo)
     target = repo.parent / "registry"
@@ -451,7 +558,10 @@ def test_artifacts_get_fetches_the_onnx_model_by_name(project, pushed_clone):
 
 def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ranks_them(pushed_clone):
     clone, _ = pushed_clone
-    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.02,0.03", "-S", "train.epochs=1", "-S", "train.threads=1"], clone)
+    run(
+        ["dvc", "exp", "run", "--queue", "-S", "train.lr=0.02,0.03", "-S", "train.epochs=1", "-S", "train.threads=1"],
+        clone,
+    )
     run(["dvc", "queue", "start", "-j", "2"], clone)
     try:
         deadline = time.monotonic() + 300
@@ -462,8 +572,23 @@ def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ra
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=clone, env=command_env(), capture_output=True)
     assert status.count("Success") == 2, status
-    table = run(["dvc", "exp", "show", "--csv", "--sort-by", "val_accuracy", "--sort-order", "desc",
-                 "--drop", ".*", "--keep", "^Experiment$|^val_accuracy$|^train.lr$"], clone)
+    table = run(
+        [
+            "dvc",
+            "exp",
+            "show",
+            "--csv",
+            "--sort-by",
+            "val_accuracy",
+            "--sort-order",
+            "desc",
+            "--drop",
+            ".*",
+            "--keep",
+            "^Experiment$|^val_accuracy$|^train.lr$",
+        ],
+        clone,
+    )
     rows = [row for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]]
     assert sorted(float(row["train.lr"]) for row in rows) == [0.02, 0.03], table
     accuracies = [float(row["val_accuracy"]) for row in rows]
@@ -473,22 +598,28 @@ def test_a_queued_sweep_runs_two_experiments_in_parallel_in_a_fresh_clone_and_ra
 def test_mnist_seeds_queues_runs_and_summarises_two_seeds_without_touching_the_workspace(pushed_clone):
     clone, _ = pushed_clone
     params_before = (clone / "params.yaml").read_bytes()
-    output = run(["mnist-seeds", "--preset", "default", "--seeds", "2", "--first-seed", "7", "-S", "train.threads=1"], clone)
+    output = run(
+        ["mnist-seeds", "--preset", "default", "--seeds", "2", "--first-seed", "7", "-S", "train.threads=1"], clone
+    )
     table = run(["dvc", "exp", "show", "--csv"], clone)
     rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(table))}
     test_column = "metrics/eval.json:accuracy"  # `accuracy` alone is ambiguous: export.json has one too
-    runs = {seed: next(row for name, row in rows.items() if re.fullmatch(rf"default-seed{seed}-[\d-]+", name)) for seed in (7, 8)}
+    runs = {
+        seed: next(row for name, row in rows.items() if re.fullmatch(rf"default-seed{seed}-[\d-]+", name))
+        for seed in (7, 8)
+    }
     assert {seed: int(row["train.seed"]) for seed, row in runs.items()} == {7: 7, 8: 8}, table
     for seed, row in runs.items():
         line = re.search(rf"^\s+{seed}\s+default-seed{seed}-\S+\s+(\S+)\s+(\S+)\s+(\d+)$", output, flags=re.MULTILINE)
         assert line, output
         assert [float(line[1]), float(line[2])] == [float(row["val_accuracy"]), float(row[test_column])]
     tests = [float(row[test_column]) for row in runs.values()]
-    expected = f"mean {np.mean(tests):.4f}, sd {np.std(tests, ddof=1):.4f}, min {min(tests):.4f}, max {max(tests):.4f} (n=2)"
+    expected = (
+        f"mean {np.mean(tests):.4f}, sd {np.std(tests, ddof=1):.4f}, min {min(tests):.4f}, max {max(tests):.4f} (n=2)"
+    )
     assert f"test accuracy:  {expected}" in output, output
     assert re.search(r"^val_accuracy:\s+mean .+\(n=2\)$", output, flags=re.MULTILINE) and "seconds:" in output, output
     assert (clone / "params.yaml").read_bytes() == params_before, "queued runs leave the workspace alone"
-
 
 
 def test_make_compare_shows_the_params_that_differ_within_120_columns_and_no_hashes(pushed_clone):
@@ -498,12 +629,29 @@ def test_make_compare_shows_the_params_that_differ_within_120_columns_and_no_has
     clone = pushed.parent / "compare-clone"
     run(["git", "clone", "-q", str(pushed), str(clone)], pushed.parent)
     run(["dvc", "pull"], clone)
-    run(["dvc", "exp", "run", "--temp", "-n", "other-weights-hash", "-S", f"weights.sha256={'0' * 64}", "-S", "train.lr=0.02",
-         "-S", "train.epochs=1"], clone)
+    run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--temp",
+            "-n",
+            "other-weights-hash",
+            "-S",
+            f"weights.sha256={'0' * 64}",
+            "-S",
+            "train.lr=0.02",
+            "-S",
+            "train.epochs=1",
+        ],
+        clone,
+    )
     makefile = (REPO_ROOT / "Makefile").read_text()
     recipe = re.search(r"^compare:.*\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE).group(1)
     command = recipe.replace("\\\n", " ").replace("$(BIN)/", "").replace("$$", "$").strip()
-    result = subprocess.run(["bash", "-c", command], cwd=clone, env={**command_env(), "COLUMNS": "400"}, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=clone, env={**command_env(), "COLUMNS": "400"}, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     table = result.stdout.splitlines()
     header = next(line for line in table if "Experiment" in line).split()
