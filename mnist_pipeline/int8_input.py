@@ -75,5 +75,10 @@ def read_raw_pixels(model: onnx.ModelProto) -> bool:
                 node.input[:3] = [INPUT_NAME, f"{name}_scale", f"{name}_zero_point"]
         for node in [quantize, *chain]:
             model.graph.node.remove(node)
+        # The removed preparation's constants: no node reads them now (onnxruntime would warn as it drops them).
+        read = {name for node in model.graph.node for name in node.input}
+        unread = [tensor for tensor in model.graph.initializer if tensor.name not in read]
+        for tensor in unread:
+            model.graph.initializer.remove(tensor)
         return True
     return False
