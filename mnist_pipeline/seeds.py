@@ -12,6 +12,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 
@@ -31,6 +32,17 @@ def dvc(*args: str) -> str:
         said = (result.stderr.strip() or result.stdout.strip()).splitlines() or ["no output"]
         raise PipelineError(f"dvc {' '.join(args[:3])} failed: {said[-1]}")
     return result.stdout
+
+
+def start_workers(jobs: int) -> None:
+    """`dvc queue start -j jobs`. Its workers outlive it and keep the output they inherit: a pipe to read it through
+    would stay open until the queue is done, so they write to a file instead."""
+    with tempfile.TemporaryFile("w+") as said:
+        result = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], stdout=said, stderr=said, text=True)
+        if result.returncode != 0:
+            said.seek(0)
+            lines = said.read().strip().splitlines() or ["no output"]
+            raise PipelineError(f"dvc queue start failed: {lines[-1]}")
 
 
 def queue(preset: str, seeds: list[int], extra: list[str], run_id: str) -> list[str]:
@@ -57,7 +69,7 @@ def queue_states(status: str, names: list[str]) -> dict[str, str]:
 def wait(names: list[str], jobs: int) -> datetime:
     """Start the queue's workers and wait until every experiment of `names` has ended; when the queue started."""
     started = datetime.now()
-    dvc("queue", "start", "-j", str(jobs))
+    start_workers(jobs)
     ended = set()
     while len(ended) < len(names):
         time.sleep(POLL_SECONDS)
@@ -66,7 +78,7 @@ def wait(names: list[str], jobs: int) -> datetime:
         if "Worker status: 0 active" in status and "Queued" in states.values():
             # A worker can stop with ours still queued (seen after a sweep's `dvc queue stop --kill`, and a worker
             # that found the queue empty just before ours arrived): they would wait for ever. Start the workers again.
-            dvc("queue", "start", "-j", str(jobs))
+            start_workers(jobs)
         for name, state in states.items():
             if state in ENDED and name not in ended:
                 ended.add(name)

@@ -3,6 +3,7 @@
 
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -90,6 +91,18 @@ def test_a_worker_that_stopped_before_taking_the_seeds_is_started_again(monkeypa
         return next(statuses) if args == ("queue", "status") else ""
 
     monkeypatch.setattr(seeds, "dvc", dvc)
+    monkeypatch.setattr(seeds, "start_workers", lambda jobs: calls.append(("queue", "start", "-j", str(jobs))))
     monkeypatch.setattr(seeds, "POLL_SECONDS", 0)
     seeds.wait(["default-seed0-x"], 1)
     assert calls.count(("queue", "start", "-j", "1")) == 2 and "default-seed0-x: success" in capsys.readouterr().out
+
+
+def test_starting_the_workers_returns_while_they_run(tmp_path, monkeypatch):
+    """dvc queue start leaves its workers running, holding its output: mnist-seeds must not wait for them there."""
+    fake = tmp_path / "dvc"
+    fake.write_text("#!/bin/sh\necho starting a worker\nsleep 30 &\n")  # a worker that outlives the command
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    started = time.monotonic()
+    seeds.start_workers(1)
+    assert time.monotonic() - started < 10
