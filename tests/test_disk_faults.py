@@ -202,8 +202,8 @@ def test_disk_faults_wrapped_by_a_library_are_one_line_and_other_errors_keep_the
     def torch_save_on_a_full_disk():
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "models/model.pt")
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+        except OSError:  # torch's writer raises its own error while the OSError is handled: an implicit context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
     with pytest.raises(SystemExit):
         run_stage(torch_save_on_a_full_disk)
