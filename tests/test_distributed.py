@@ -122,24 +122,18 @@ def test_two_processes_reach_the_weights_of_one_process(two_processes, one_proce
     assert sorted(p.name for p in (work / "models").iterdir()) == ["model.pt"], "no training state or temp file left"
 
 
+def two_node_torchrun(endpoint: str) -> list[str]:
+    """torchrun for either node of a job of 2 nodes of one process each, its c10d rendezvous at `endpoint`: the same
+    list, run id included, for both nodes."""
+    launcher = str(Path(sys.executable).parent / "torchrun")
+    return [launcher, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+            "--rdzv-id", uuid.uuid4().hex]  # fmt: skip
+
+
 def test_two_torchrun_nodes_on_localhost_train_as_one_job(prepared, one_process, tmp_path):
     """What a 2-node job does, on one machine: each torchrun starts a worker, which joins the job and starts no more."""
     work = copy_of(prepared, tmp_path / "nodes", processes=1, threads=1)  # under torchrun, its --nproc-per-node counts
-    torchrun = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "--rdzv-id",
-        uuid.uuid4().hex,
-        "-m",
-        "stages.train",
-    ]
+    torchrun = [*two_node_torchrun(f"127.0.0.1:{free_port()}"), "-m", "stages.train"]
     nodes = [
         subprocess.Popen(torchrun, cwd=work, env=STAGE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -203,21 +197,7 @@ def test_two_nodes_on_their_own_addresses_train_as_one_process(prepared, one_pro
     """A 2-node job as on two machines: each node in its own network namespace with its own address and its own
     copy of the data, torchrun's rendezvous on the first node's address, gloo on the link between them."""
     (first, rendezvous, _), _ = two_hosts
-    torchrun = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"{rendezvous}:29400",
-        "--rdzv-id",
-        uuid.uuid4().hex,
-        "--max-restarts",
-        "0",
-    ]
+    torchrun = [*two_node_torchrun(f"{rendezvous}:29400"), "--max-restarts", "0"]
     nodes = []
     for node, (namespace, address, link) in enumerate(two_hosts):
         work = copy_of(prepared, tmp_path / f"node{node}", processes=1, threads=1)
