@@ -350,6 +350,11 @@ OPPONENTS = {
 }
 
 
+def export_checkpoint(model, checkpoint: dict, path: Path, opset: int, image_size: int) -> None:
+    """The loaded checkpoint's model as the export stage writes it (fp32 ONNX), at `path`."""
+    export_onnx(export_form(model, checkpoint["architecture"]), path, opset, image_size, checkpoint["class_names"])
+
+
 def inference(rounds: int = 7) -> dict[str, str]:
     """models/model.pt in PyTorch eager against its ONNX export in onnxruntime, fp32 and int8, at batch 1000 and
     batch 1, with the same threads. Eager runs in its best form: channels-last under inference_mode (as loaded,
@@ -370,13 +375,7 @@ def inference(rounds: int = 7) -> dict[str, str]:
 
     with tempfile.TemporaryDirectory() as folder:
         fp32_path, int8_path = Path(folder) / "model.onnx", Path(folder) / "model.int8.onnx"
-        export_onnx(
-            export_form(model, checkpoint["architecture"]),
-            fp32_path,
-            params.opset,
-            images.shape[1],
-            checkpoint["class_names"],
-        )
+        export_checkpoint(model, checkpoint, fp32_path, params.opset, images.shape[1])
         quantize_int8(
             fp32_path, int8_path, calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
         )
@@ -422,13 +421,7 @@ def int8_steps(rounds: int = 7) -> dict[str, str]:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
         fp32_path = Path(folder) / "model.onnx"
-        export_onnx(
-            export_form(model, checkpoint["architecture"]),
-            fp32_path,
-            params.opset,
-            images.shape[1],
-            checkpoint["class_names"],
-        )
+        export_checkpoint(model, checkpoint, fp32_path, params.opset, images.shape[1])
         calibration = calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
         files = {}
         for name, raw in [("plain", False), ("raw", True)]:
