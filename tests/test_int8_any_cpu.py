@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -118,6 +119,19 @@ def test_on_this_cpu_onnxruntime_matches_the_reference(models):
         assert (logits.argmax(1) == 0).all(), "the float model's class for every image"
 
 
+def on_emulated_avx2(script: str, folder: Path) -> str:
+    """What `script` prints, run with `folder` as its argument by this Python under qemu's Haswell: AVX2, no AVX-512."""
+    result = subprocess.run(
+        [QEMU, "-cpu", "Haswell", sys.executable, "-c", script, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 # Run under qemu: each model's largest layer difference from the reference, in quantisation steps, and its logits.
 LAYER_STEPS = """
 import json, sys
@@ -148,15 +162,7 @@ def test_on_an_emulated_avx2_cpu_8_bit_weights_fail_the_layer_check_and_7_bit_on
     assert QEMU, "MNIST_PIPELINE_REQUIRE_QEMU is set, but there is no qemu-x86_64 (apt-get install qemu-user)"
     from mnist_pipeline.onnx_io import onnx_outputs
 
-    result = subprocess.run(
-        [QEMU, "-cpu", "Haswell", sys.executable, "-c", LAYER_STEPS, str(models)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    steps = json.loads(result.stdout)
+    steps = json.loads(on_emulated_avx2(LAYER_STEPS, models))
     assert set(steps) == {"Conv.8-bit.onnx", "Gemm.8-bit.onnx", "Conv.int8.onnx", "Gemm.int8.onnx"}
     assert steps["Conv.8-bit.onnx"] > 100 and steps["Gemm.8-bit.onnx"] > 100, steps
     assert steps["Conv.int8.onnx"] <= 1 and steps["Gemm.int8.onnx"] <= 1, steps
@@ -315,6 +321,7 @@ def test_a_deep_network_the_end_to_end_rule_rejected_passes_the_layer_check(deep
 DEEP_LOGITS = """
 import sys
 from pathlib import Path
+from pathlib import Path
 import numpy as np
 from mnist_pipeline.onnx_io import onnx_outputs
 folder = Path(sys.argv[1])
@@ -332,14 +339,7 @@ def test_the_deep_networks_onnxruntime_logits_are_the_same_native_and_on_an_emul
     assert QEMU, "MNIST_PIPELINE_REQUIRE_QEMU is set, but there is no qemu-x86_64 (apt-get install qemu-user)"
     from mnist_pipeline.onnx_io import onnx_outputs
 
-    result = subprocess.run(
-        [QEMU, "-cpu", "Haswell", sys.executable, "-c", DEEP_LOGITS, str(deep)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    on_emulated_avx2(DEEP_LOGITS, deep)
     native = onnx_outputs(deep / "tent.int8.onnx", np.load(deep / "pixels.npy"))[0]
     assert np.array_equal(native, np.load(deep / "emulated.npy"))
 
