@@ -1,5 +1,5 @@
-"""The checkpoint format of models/model.pt: everything needed to rebuild the trained model, written by the train
-stage and read, with weights_only=True, by evaluate, export and the tools."""
+"""The checkpoint format of the train stage's model (models/model.pt by default): everything needed to rebuild the
+trained model, written by the train stage and read, with weights_only=True, by evaluate, export and the tools."""
 
 import pickle
 import warnings
@@ -10,8 +10,6 @@ from torch import nn
 
 from mnist_pipeline.errors import PipelineError, gist
 from mnist_pipeline.model import PixelClassifier, build_model, output_layer
-
-MODEL_FILE = Path("models/model.pt")  # written by train, read by evaluate and export
 
 
 def save_checkpoint(path: Path, network: nn.Module, architecture: dict, meta: dict, extra: dict) -> None:

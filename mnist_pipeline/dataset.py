@@ -1,4 +1,4 @@
-"""The raw files in data/raw/ that params.yaml's dataset section names, as image and label arrays, checked."""
+"""The raw files (data/raw/ by default) that params.yaml's dataset section names, as image and label arrays, checked."""
 
 from pathlib import Path
 
@@ -7,8 +7,6 @@ import numpy as np
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.idx import read_idx
 from mnist_pipeline.params import DatasetParams
-
-RAW_DIR = Path("data/raw")
 
 
 def load_part(images_path: Path, labels_path: Path, dataset: DatasetParams) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +29,7 @@ def load_part(images_path: Path, labels_path: Path, dataset: DatasetParams) -> t
     return images, labels - np.uint8(first)
 
 
-def load_dataset(dataset: DatasetParams, raw_dir: Path = RAW_DIR) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def load_dataset(dataset: DatasetParams, raw_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """The (images, labels) of the training part and of the test part, whose images are square and of one size."""
     train_images, train_labels, test_images, test_labels = (raw_dir / name for name in dataset.files())
     train, test = load_part(train_images, train_labels, dataset), load_part(test_images, test_labels, dataset)

@@ -36,7 +36,6 @@ from mnist_pipeline.device import pick_device
 from mnist_pipeline.errors import PipelineError, describe_disk_fault, disk_fault, gist
 from mnist_pipeline.files import remove_stale_temp_files
 from mnist_pipeline.params import Params, TrainParams
-from mnist_pipeline.prepared import load_meta
 
 # Set for every worker of a torchrun job (and by job scripts that start the workers themselves, with MASTER_ADDR
 # and MASTER_PORT): a process that has them is already a worker, and never starts workers of its own.
@@ -214,24 +213,29 @@ def planned_processes(params: TrainParams, device: torch.device) -> int:
     return processes
 
 
-def launch(worker_main: Callable[[Params, Worker], Any], params: Params, outputs: tuple[Path, ...] = ()) -> Any:
+def launch(
+    worker_main: Callable[[Params, Worker], Any],
+    params: Params,
+    split_counts: dict[str, int],
+    outputs: tuple[Path, ...] = (),
+) -> Any:
     """Run worker_main(params, worker) in every training process, and return the first one's result: here, alone,
     with train.processes 1; in train.processes workers started through elastic_launch; or here as one worker of
-    a job that an outside torchrun started. See start_workers for its failures."""
+    a job that an outside torchrun started. split_counts are the images of each split the workers share (the
+    prepared data's meta.json counts). See start_workers for its failures."""
     if all(name in os.environ for name in JOB_VARIABLES):
-        return join_job(worker_main, params)  # already a worker: it never starts workers again
+        return join_job(worker_main, params, split_counts)  # already a worker: it never starts workers again
     device = pick_device(params.train.device, "train.device")
     processes = planned_processes(params.train, device)
     if processes == 1:
         return worker_main(params, Worker(device, params.train.threads))
-    require_a_share_each(processes)
-    return start_workers(worker_main, params, processes, outputs)
+    require_a_share_each(processes, split_counts)
+    return start_workers(worker_main, params, processes, split_counts, outputs)
 
 
-def require_a_share_each(processes: int) -> None:
+def require_a_share_each(processes: int, counts: dict[str, int]) -> None:
     """Refuse, before any worker starts, splits too small to give every process a share: a worker with no
     validation images would fail inside a collective, and take the others down with it."""
-    counts = load_meta()["counts"]
     for split, setting in (("train", "preprocess.train_limit"), ("val", "preprocess.val_size")):
         if counts[split] < processes:
             raise PipelineError(
@@ -242,7 +246,11 @@ def require_a_share_each(processes: int) -> None:
 
 
 def start_workers(
-    worker_main: Callable[[Params, Worker], Any], params: Params, processes: int, outputs: tuple[Path, ...] = ()
+    worker_main: Callable[[Params, Worker], Any],
+    params: Params,
+    processes: int,
+    split_counts: dict[str, int],
+    outputs: tuple[Path, ...] = (),
 ) -> Any:
     """worker_main(params, worker) in each of `processes` new processes on this machine, through PyTorch's elastic
     launcher; the first one's result. A worker that fails, or a launch that does, is one PipelineError naming the
@@ -264,7 +272,7 @@ def start_workers(
             logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
         )
         try:
-            results = elastic_launch(config, join_job)(worker_main, params)
+            results = elastic_launch(config, join_job)(worker_main, params, split_counts)
         except BaseException as error:
             for output in outputs:
                 remove_stale_temp_files(output.parent, output.name)
@@ -274,7 +282,7 @@ def start_workers(
     return results[0]
 
 
-def join_job(worker_main: Callable[[Params, Worker], Any], params: Params) -> Any:
+def join_job(worker_main: Callable[[Params, Worker], Any], params: Params, split_counts: dict[str, int]) -> Any:
     """One worker of a job, as the environment describes it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT): join the others, then run worker_main. Its PipelineErrors and disk faults name
     the rank; other exceptions are bugs and keep their type."""
@@ -287,7 +295,7 @@ def join_job(worker_main: Callable[[Params, Worker], Any], params: Params) -> An
     threads = max(1, (params.train.threads or len(os.sched_getaffinity(0))) // local_size)
     place = f"rank {rank} of {world_size}"
     try:
-        require_a_share_each(world_size)
+        require_a_share_each(world_size, split_counts)
     except PipelineError as error:
         raise PipelineError(f"{place}: {error}") from None
     try:

@@ -1,4 +1,5 @@
-"""The data/prepared/ format (one .npz per split, plus meta.json) and the seeded split of the training images."""
+"""The prepared data's format (one .npz per split, plus meta.json, in data/prepared/ by default) and the seeded split
+of the training images."""
 
 import contextlib
 import json
@@ -8,8 +9,7 @@ import numpy as np
 
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import atomic_path, dump_json, require_free_space
-
-PREPARED_DIR = Path("data/prepared")
+from mnist_pipeline.paths import PREPARED_DIR
 
 
 def write_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -18,19 +18,19 @@ def write_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         np.savez(out, images=images, labels=labels)
 
 
-def save_split(name: str, images: np.ndarray, labels: np.ndarray) -> None:
-    with atomic_path(PREPARED_DIR / f"{name}.npz") as temp:
+def save_split(name: str, images: np.ndarray, labels: np.ndarray, directory: Path = PREPARED_DIR) -> None:
+    with atomic_path(directory / f"{name}.npz") as temp:
         write_split(temp, images, labels)
 
 
-def save_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+def save_prepared(directory: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
     """Every split and meta.json, after checking the disk has room for them, renamed into place together once all
     are written: a failure half-way (a full disk) keeps the whole previous set, never new splits beside old ones."""
-    require_free_space(PREPARED_DIR, sum(array.nbytes for pair in splits.values() for array in pair), "preprocess")
+    require_free_space(directory, sum(array.nbytes for pair in splits.values() for array in pair), "preprocess")
     with contextlib.ExitStack() as renamed_at_the_end:  # each atomic_path renames on leaving: all at the block's end
         for name, (images, labels) in splits.items():
-            write_split(renamed_at_the_end.enter_context(atomic_path(PREPARED_DIR / f"{name}.npz")), images, labels)
-        dump_json(renamed_at_the_end.enter_context(atomic_path(PREPARED_DIR / "meta.json")), meta)
+            write_split(renamed_at_the_end.enter_context(atomic_path(directory / f"{name}.npz")), images, labels)
+        dump_json(renamed_at_the_end.enter_context(atomic_path(directory / "meta.json")), meta)
 
 
 def split_indices(count: int, val_size: int, train_limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +67,8 @@ def prepared_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names:
     }
 
 
-def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
-    path = PREPARED_DIR / f"{name}.npz"
+def load_split(name: str, directory: Path = PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
+    path = directory / f"{name}.npz"
     try:
         with np.load(path, allow_pickle=False) as arrays:
             return arrays["images"], arrays["labels"]
@@ -82,8 +82,8 @@ def load_split(name: str) -> tuple[np.ndarray, np.ndarray]:
         ) from None
 
 
-def load_meta() -> dict:
-    path = PREPARED_DIR / "meta.json"
+def load_meta(directory: Path = PREPARED_DIR) -> dict:
+    path = directory / "meta.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

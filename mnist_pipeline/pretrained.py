@@ -4,9 +4,8 @@ from pathlib import Path
 
 from mnist_pipeline.params import Params
 
-PRETRAINED_DIR = Path("data/pretrained")
 
-
-def weights_file(params: Params) -> Path | None:
-    """The weights file the params ask for; None where the chosen architecture starts from none."""
-    return PRETRAINED_DIR / params.weights.file if params.model.pretrained == "imagenet" else None
+def weights_file(params: Params, directory: Path) -> Path | None:
+    """The weights file the params ask for in the pretrained stage's directory; None where the chosen architecture
+    starts from none."""
+    return directory / params.weights.file if params.model.pretrained == "imagenet" else None

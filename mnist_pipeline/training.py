@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
@@ -34,9 +35,9 @@ from mnist_pipeline.runtime import autocast_dtype, autocast_for
 EVAL_BATCH = 1000
 
 
-def as_tensors(split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as uint8 pixels (N, 1, H, W) and int64 labels, resident on the training device."""
-    images, labels = load_split(split)
+def as_tensors(prepared: Path, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split of the prepared data as uint8 pixels (N, 1, H, W) and int64 labels, resident on the device."""
+    images, labels = load_split(split, prepared)
     return torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).long().to(device)
 
 
@@ -117,6 +118,7 @@ class Run:
     worker: Worker
     graph_blocker: str  # why the steps are not captured as CUDA graphs ("" where they can be)
     layout: torch.memory_format = torch.channels_last  # of the inputs the steps feed
+    averaged: AveragedModel | None = None  # train.ema_decay's moving average of the model, updated after each step
     step: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = (
         None  # one training step, as prepare_steps sets it
     )
@@ -139,9 +141,19 @@ class Run:
             order = torch.empty(len(self.train_labels), dtype=torch.long, device=self.device)
         return self.worker.from_first(order)
 
+    def kept_model(self) -> PixelClassifier:
+        """The weights that validation scores and the stage keeps: their moving average with train.ema_decay, else
+        the trained ones."""
+        return self.averaged.module if self.averaged is not None else self.model
+
+    def scored(self) -> torch.nn.Module:
+        """kept_model() as it takes run.val_inputs: only its output layer once they are a frozen backbone's features."""
+        return output_layer(self.kept_model(), self.architecture) if self.cache_features else self.kept_model()
+
     def resumable(self) -> dict:
         """What a resumed run loads back, by name: each has state_dict and load_state_dict."""
-        return {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "scaler": self.scaler}
+        parts = {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "scaler": self.scaler}
+        return parts | ({"averaged": self.averaged} if self.averaged is not None else {})
 
     def summary(self) -> str:
         parameters = sum(p.numel() for p in self.model.parameters())
@@ -194,17 +206,18 @@ class EpochTotals:
         return loss / images, correct / images
 
 
-def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
-    """A new run on the worker's device: both splits, the model (its weights drawn from torch's global generator,
-    which the caller seeds; pretrained ones from data/pretrained/ if model.resnet18.pretrained asks), optimiser,
+def prepare(params: Params, worker: Worker, prepared: Path, pretrained: Path, cache_features: bool = True) -> Run:
+    """A new run on the worker's device: both splits from the prepared directory, the model (its weights drawn from
+    torch's global generator, which the caller seeds; then from the pretrained stage's directory if
+    model.resnet18.pretrained asks), optimiser,
     schedule and mixed precision. A frozen backbone's features are to be computed once when nothing augments its input,
     unless cache_features is false (to measure what that saves)."""
     device = worker.device
     generator = torch.Generator(device).manual_seed(worker.seed(params.train.seed))
-    meta = load_meta()
-    train_pixels, train_labels = as_tensors("train", device)
-    val_pixels, val_labels = as_tensors("val", device)
-    weights = weights_file(params)
+    meta = load_meta(prepared)
+    train_pixels, train_labels = as_tensors(prepared, "train", device)
+    val_pixels, val_labels = as_tensors(prepared, "val", device)
+    weights = weights_file(params, pretrained)
     model, architecture = build_for_training(params.model, meta, weights, device)
     model = sync_batch_norm(model, worker)
     if worker.rank:  # the same initial weights on every worker, then dropout masks of its own
@@ -222,6 +235,7 @@ def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
     step_model = worker.wrap(trained)
     step_model = torch.compile(step_model) if params.train.compile else step_model
     return Run(
+        averaged=moving_average(model, params.train.ema_decay),
         model=model,
         architecture=architecture,
         trained=trained,
@@ -242,6 +256,15 @@ def prepare(params: Params, worker: Worker, cache_features: bool = True) -> Run:
         worker=worker,
         graph_blocker=blocker,
     )
+
+
+def moving_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the model's weights and batch-norm statistics (a copy of the model, which
+    starts from its weights), or None with a decay of 0. Each step's weights are noisy; their average generalises
+    better (the EMA of ansh941/MnistSimpleCNN and of timm)."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def training_step(
@@ -339,6 +362,8 @@ def train_epoch(run: Run, params: TrainParams, label: str) -> tuple[float, float
         batch = order[step * params.batch_size : (step + 1) * params.batch_size]
         loss, logits, labels = run.step(batch)
         run.schedule.step()
+        if run.averaged is not None:
+            run.averaged.update_parameters(run.model)
         totals.add(loss, logits, labels, len(batch))
     return *totals.means(), time.perf_counter() - started
 

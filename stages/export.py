@@ -1,10 +1,8 @@
 """Stage 6, export: the model as one ONNX file that takes raw pixels, verified against PyTorch, and its int8 copy."""
 
-from pathlib import Path
-
 import torch
 
-from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.device import predict_logits
 from mnist_pipeline.errors import PipelineError, disk_fault, gist, run_stage
 from mnist_pipeline.files import atomic_path, write_json
@@ -18,25 +16,39 @@ from mnist_pipeline.onnx_export import (
 )
 from mnist_pipeline.onnx_io import BATCH, onnx_outputs
 from mnist_pipeline.params import load_params
+from mnist_pipeline.paths import (
+    EXPORT_DETAILS,
+    EXPORT_METRICS,
+    INT8_FILE,
+    MODEL_FILE,
+    ONNX_FILE,
+    PREPARED_DIR,
+    stage_paths,
+)
 from mnist_pipeline.prepared import load_split
 
-ONNX_FILE = Path("models/model.onnx")
-INT8_FILE = Path("models/model.int8.onnx")
-METRICS_FILE = Path("metrics/export.json")  # the headline numbers, one row of `dvc metrics show`
-DETAILS_FILE = Path("metrics/export_details.json")  # the checks' diagnostics: differences, sizes, counts
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    paths = stage_paths(
+        __doc__,
+        argv,
+        prepared=PREPARED_DIR,
+        model=MODEL_FILE,
+        onnx=ONNX_FILE,
+        int8=INT8_FILE,
+        metrics=EXPORT_METRICS,  # the headline numbers, one row of `dvc metrics show`
+        details=EXPORT_DETAILS,  # the checks' diagnostics: differences, sizes, counts
+    )
     params = load_params().export
-    model, checkpoint = load_checkpoint(MODEL_FILE)
-    images, labels = load_split("test")
+    model, checkpoint = load_checkpoint(paths.model)
+    images, labels = load_split("test", paths.prepared)
     pixels = images[:, None]  # (N, 1, H, W) uint8, exactly what a client sends
-    calibration = calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
-    not_written = f"{ONNX_FILE} and {INT8_FILE} were not written"
+    calibration = calibration_sample(load_split("train", paths.prepared)[0], params.calibration_images, params.seed)
+    not_written = f"{paths.onnx} and {paths.int8} were not written"
 
     # Both models are renamed into place only once both pass; the int8 file is opened once the fp32 one is
     # written, so that a disk fault in either names the file it struck.
-    with atomic_path(ONNX_FILE) as temp:
+    with atomic_path(paths.onnx) as temp:
         exportable = export_form(model, checkpoint["architecture"])
         opset = export_onnx(exportable, temp, params.opset, images.shape[1], checkpoint["class_names"])
         reference = predict_logits(model, torch.from_numpy(pixels), BATCH)
@@ -45,7 +57,7 @@ def main() -> None:
         except Exception as error:  # onnxruntime's own types, for a file it cannot load or run
             raise PipelineError(f"onnxruntime cannot run the exported model ({gist(error)}); {not_written}") from None
         differences = check_fp32(exported, probabilities, reference, params.tolerance, not_written)
-        with atomic_path(INT8_FILE) as temp_int8:
+        with atomic_path(paths.int8) as temp_int8:
             try:
                 quantize_int8(temp, temp_int8, calibration)
                 int8_logits, _ = onnx_outputs(temp_int8, pixels)
@@ -67,12 +79,12 @@ def main() -> None:
         "calibration_images": len(calibration),
         **int8_details,
     }
-    write_json(DETAILS_FILE, details)
-    write_json(METRICS_FILE, metrics)  # last: a failed run leaves the last complete pair
+    write_json(paths.details, details)
+    write_json(paths.metrics, metrics)  # last: a failed run leaves the last complete pair
     print(
-        f"{ONNX_FILE}: {size / 1024:.0f} KiB, opset {opset}, test accuracy {metrics['accuracy']:.4f}, "
+        f"{paths.onnx}: {size / 1024:.0f} KiB, opset {opset}, test accuracy {metrics['accuracy']:.4f}, "
         f"max |logit difference| vs PyTorch {details['max_abs_diff']:.1e}, predictions identical\n"
-        f"{INT8_FILE}: {int8_size / 1024:.0f} KiB, test accuracy {metrics['int8_accuracy']:.4f}, "
+        f"{paths.int8}: {int8_size / 1024:.0f} KiB, test accuracy {metrics['int8_accuracy']:.4f}, "
         f"same class as fp32 for {metrics['int8_agreement']:.2%} of the test images; each layer within "
         f"{details['int8_layer_max_steps']} quantisation step of onnx's reference evaluator on the "
         f"{details['int8_reference_images']} checked, whose class it gives for "

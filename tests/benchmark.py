@@ -33,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
+from mnist_pipeline import paths  # noqa: E402
+from mnist_pipeline.checkpoint import load_checkpoint  # noqa: E402
 from mnist_pipeline.cpu import this_cpu  # noqa: E402
 from mnist_pipeline.device import pick_device, predict_logits  # noqa: E402
 from mnist_pipeline.distributed import Worker, launch, start_workers  # noqa: E402
@@ -44,7 +45,6 @@ from mnist_pipeline.onnx_io import inference_session  # noqa: E402
 from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.prepared import load_meta, load_split  # noqa: E402
 from mnist_pipeline.presets import BEST, FAST  # noqa: E402
-from mnist_pipeline.pretrained import PRETRAINED_DIR  # noqa: E402
 from mnist_pipeline.runtime import cuda_has_native_bf16, keep_freed_memory, use_threads  # noqa: E402
 from stages import train  # noqa: E402
 
@@ -301,7 +301,7 @@ TRANSFER = {
 def transfer_learning(params, device: str) -> None:
     """The ResNet-18 recipes next to params.yaml's CNN: seconds (the whole run) and test accuracy of each, and
     what computing a frozen backbone's features once saves."""
-    weights = PRETRAINED_DIR / params.weights.file
+    weights = paths.PRETRAINED_DIR / params.weights.file
     cnn_params = with_overrides(params, {"model": {"arch": "cnn"}, "train": {**TRANSFER_TRAIN, "device": device}})
     runs = [timed_training("CNN (params.yaml's)", cnn_params)]
     for name, (model_overrides, cache) in TRANSFER.items():
@@ -361,7 +361,7 @@ def inference(rounds: int = 7) -> dict[str, str]:
     the way the evaluate stage runs it, is shown too). Each ratio is against the fairest opponent: onnxruntime
     fp32 against channels-last eager, int8 against fp32. Returns the batch-1000 ratios for the summary line."""
     params = load_params().export
-    model, checkpoint = load_checkpoint(MODEL_FILE)
+    model, checkpoint = load_checkpoint(paths.MODEL_FILE)
     images, _ = load_split("test")
     pixels = np.ascontiguousarray(images[:1000, None])
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -415,7 +415,7 @@ def int8_steps(rounds: int = 7) -> dict[str, str]:
     quantize_static's plain output to the exported int8 model bought, all timed in this run with the same threads.
     Each step's session and file are built here from models/model.pt, as the export stage builds them."""
     params = load_params().export
-    model, checkpoint = load_checkpoint(MODEL_FILE)
+    model, checkpoint = load_checkpoint(paths.MODEL_FILE)
     images, labels = load_split("test")
     pixels = np.ascontiguousarray(images[:1000, None])
     threads = torch.get_num_threads()
@@ -725,15 +725,19 @@ def data_parallel(params, device: torch.device) -> dict[str, str]:
         "1 process, no DDP": (
             "plain",
             1,
-            lambda: launch(timed_worker, with_overrides(recipe, {"train": {"processes": 1}})),
+            lambda: launch(timed_worker, with_overrides(recipe, {"train": {"processes": 1}}), load_meta()["counts"]),
         ),
-        f"1 process, DDP ({backend})": ("ddp_1", 1, lambda: start_workers(timed_worker, recipe, 1)),
+        f"1 process, DDP ({backend})": (
+            "ddp_1",
+            1,
+            lambda: start_workers(timed_worker, recipe, 1, load_meta()["counts"]),
+        ),
     }
     if several > 1:
         runs[f"{several} processes, DDP ({backend})"] = (
             f"ddp_{several}",
             several,
-            lambda: start_workers(timed_worker, recipe, several),
+            lambda: start_workers(timed_worker, recipe, several, load_meta()["counts"]),
         )
     print(
         f"data parallel on {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}: "

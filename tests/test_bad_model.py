@@ -20,8 +20,8 @@ from conftest import (
     write_checkpoint,
 )
 
-from mnist_pipeline import int8_verification, onnx_export
-from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
+from mnist_pipeline import int8_verification, onnx_export, paths
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.prepared import save_split
 from stages import evaluate, export
@@ -100,8 +100,8 @@ def test_bad_checkpoint_is_a_one_line_error_naming_the_file_and_runs_no_code(tmp
 
 
 OUTPUTS = {
-    "evaluate": [evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE, evaluate.PER_CLASS_FILE, evaluate.GALLERY_DIR],
-    "export": [export.ONNX_FILE, export.INT8_FILE, export.METRICS_FILE],
+    "evaluate": [paths.EVAL_METRICS, paths.PREDICTIONS_FILE, paths.PER_CLASS_FILE, paths.GALLERY_DIR],
+    "export": [paths.ONNX_FILE, paths.INT8_FILE, paths.EXPORT_METRICS],
 }
 
 
@@ -111,7 +111,7 @@ def trained(workdir):
     images, labels = synthetic_digits(50, seed=3)
     save_split("test", images, labels)
     save_split("train", *synthetic_digits(200, seed=4))
-    write_checkpoint(workdir / MODEL_FILE)
+    write_checkpoint(workdir / paths.MODEL_FILE)
     return workdir
 
 
@@ -119,18 +119,20 @@ def trained(workdir):
 @pytest.mark.parametrize("stage", OUTPUTS)
 def test_bad_model_pt_stops_the_stage_before_it_writes(trained, stage, damage):
     make_bad, message = BAD_CHECKPOINTS[damage]
-    make_bad(trained / MODEL_FILE)
-    with pytest.raises(PipelineError, match=re.escape(f"{MODEL_FILE} {message}")):
+    make_bad(trained / paths.MODEL_FILE)
+    with pytest.raises(PipelineError, match=re.escape(f"{paths.MODEL_FILE} {message}")):
         {"evaluate": evaluate.main, "export": export.main}[stage]()
     assert not any(path.exists() for path in OUTPUTS[stage])
     assert not (trained / "models/pwned").exists()
 
 
 def test_stages_report_a_bad_model_pt_in_one_line(trained):
-    (trained / MODEL_FILE).write_bytes((trained / MODEL_FILE).read_bytes()[:1000])
-    assert_one_line_error(run_stage_cli("evaluate"), f"{MODEL_FILE} is damaged or not a PyTorch file (")
-    (trained / MODEL_FILE).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(trained / "models/pwned")))
-    assert_one_line_error(run_stage_cli("export"), f"{MODEL_FILE} is not a model checkpoint: it holds something other")
+    (trained / paths.MODEL_FILE).write_bytes((trained / paths.MODEL_FILE).read_bytes()[:1000])
+    assert_one_line_error(run_stage_cli("evaluate"), f"{paths.MODEL_FILE} is damaged or not a PyTorch file (")
+    (trained / paths.MODEL_FILE).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(trained / "models/pwned")))
+    assert_one_line_error(
+        run_stage_cli("export"), f"{paths.MODEL_FILE} is not a model checkpoint: it holds something other"
+    )
     assert not (trained / "models/pwned").exists()
 
 
@@ -142,7 +144,7 @@ def fake_export(model, path, opset, image_size, class_names):
 
 @pytest.mark.parametrize("fault", ["onnxruntime cannot load it", "its predictions differ"])
 def test_export_keeps_the_last_model_onnx_when_the_new_one_fails_verification(trained, monkeypatch, fault):
-    (trained / export.ONNX_FILE).write_bytes(b"the last good model")
+    (trained / paths.ONNX_FILE).write_bytes(b"the last good model")
     monkeypatch.setattr(export, "export_onnx", fake_export)
     if fault == "its predictions differ":
         zeros = lambda path, pixels: (np.zeros((len(pixels), 10), dtype=np.float32),) * 2  # noqa: E731
@@ -155,22 +157,22 @@ def test_export_keeps_the_last_model_onnx_when_the_new_one_fails_verification(tr
     with pytest.raises(
         PipelineError, match=f"{message}.*models/model.onnx and models/model.int8.onnx were not written"
     ):
-        export.main()
-    assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
+        export.main([])
+    assert (trained / paths.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
-    assert not (trained / export.METRICS_FILE).exists()
+    assert not (trained / paths.EXPORT_METRICS).exists()
 
 
 def test_an_int8_model_that_loses_accuracy_fails_the_export_and_writes_nothing(trained, monkeypatch):
     """The int8 check compares accuracies on the test set: an int8 model that gets every image wrong stops the
     stage, and neither model nor the metrics are written."""
-    (trained / export.ONNX_FILE).write_bytes(b"the last good model")
+    (trained / paths.ONNX_FILE).write_bytes(b"the last good model")
     _, labels = synthetic_digits(50, seed=3)
     real_outputs = export.onnx_outputs
 
     def int8_always_wrong(path, pixels):
         logits, probabilities = real_outputs(path, pixels)
-        if path.name.startswith(f".{export.INT8_FILE.name}."):  # atomic_path's temp file for the int8 model
+        if path.name.startswith(f".{paths.INT8_FILE.name}."):  # atomic_path's temp file for the int8 model
             logits = np.eye(10, dtype=np.float32)[(labels + 1) % 10]
         return logits, probabilities
 
@@ -181,17 +183,17 @@ def test_an_int8_model_that_loses_accuracy_fails_the_export_and_writes_nothing(t
         r"model's .*, where export\.int8_max_accuracy_drop = 0\.002 allows 0; models/model.onnx and "
         r"models/model.int8.onnx were not written",
     ):
-        export.main()
-    assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
+        export.main([])
+    assert (trained / paths.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
-    assert not (trained / export.METRICS_FILE).exists()
+    assert not (trained / paths.EXPORT_METRICS).exists()
 
 
 @pytest.mark.parametrize("fault", ["8-bit weights", "a layer unlike the reference's"])
 def test_an_int8_model_unlike_its_definition_fails_the_export_and_writes_nothing(trained, monkeypatch, fault):
     """Weights that could saturate on a CPU without VNNI, or a layer that onnxruntime on this CPU computes more than
     a step from onnx's reference evaluator, stop the stage in one line, and neither model nor metrics are written."""
-    (trained / export.ONNX_FILE).write_bytes(b"the last good model")
+    (trained / paths.ONNX_FILE).write_bytes(b"the last good model")
     if fault == "8-bit weights":
         monkeypatch.setitem(onnx_export.INT8_SETTINGS, "reduce_range", False)
         problem = (
@@ -218,30 +220,30 @@ def test_an_int8_model_unlike_its_definition_fails_the_export_and_writes_nothing
             r"for 1 at most\)"
         )
     with pytest.raises(PipelineError) as raised:
-        export.main()
+        export.main([])
     assert re.fullmatch(
         f"the int8 model failed its check against its definition: {problem}; models/model.onnx and "
         f"models/model.int8.onnx were not written",
         str(raised.value),
     ), str(raised.value)
-    assert (trained / export.ONNX_FILE).read_bytes() == b"the last good model"
+    assert (trained / paths.ONNX_FILE).read_bytes() == b"the last good model"
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.onnx", "model.pt"], "no temp file left"
-    assert not (trained / export.METRICS_FILE).exists()
+    assert not (trained / paths.EXPORT_METRICS).exists()
 
 
 def test_export_writes_a_verified_int8_model_with_the_class_names(trained):
-    export.main()
-    metrics = json.loads((trained / export.METRICS_FILE).read_text())
-    details = json.loads((trained / export.DETAILS_FILE).read_text())
+    export.main([])
+    metrics = json.loads((trained / paths.EXPORT_METRICS).read_text())
+    details = json.loads((trained / paths.EXPORT_DETAILS).read_text())
     assert set(metrics) == {"accuracy", "int8_accuracy", "int8_agreement"}, "headline only"
     assert metrics["accuracy"] - metrics["int8_accuracy"] <= 0.002 and 0 <= metrics["int8_agreement"] <= 1
-    assert details["int8_size_bytes"] == (trained / export.INT8_FILE).stat().st_size < details["size_bytes"]
+    assert details["int8_size_bytes"] == (trained / paths.INT8_FILE).stat().st_size < details["size_bytes"]
     assert details["calibration_images"] == 200 and details["probabilities_max_abs_diff"] <= 1e-4
     assert details["int8_reference_images"] == 50 and details["int8_reference_agreement"] == 1.0
     assert details["int8_layer_max_steps"] <= 1
-    for path in [export.ONNX_FILE, export.INT8_FILE]:
+    for path in [paths.ONNX_FILE, paths.INT8_FILE]:
         session = onnxruntime.InferenceSession(str(trained / path))
         assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]
         assert session.get_modelmeta().custom_metadata_map["class_names"] == ",".join(str(d) for d in range(10))
-    ops = {node.op_type for node in onnx.load(trained / export.INT8_FILE).graph.node}
+    ops = {node.op_type for node in onnx.load(trained / paths.INT8_FILE).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= ops, "quantised, with the softmax in float"

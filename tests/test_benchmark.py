@@ -18,9 +18,9 @@ from stages import export, preprocess, train
 def trained_workdir(workdir):
     update_params(workdir / "params.yaml", TINY_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
-    train.main()
-    export.main()
+    preprocess.main([])
+    train.main([])
+    export.main([])
     return workdir
 
 

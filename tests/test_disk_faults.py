@@ -43,7 +43,7 @@ def finished_run(tmp_path_factory) -> Path:
         patch.chdir(work)
         patch.delenv("MNIST_PIPELINE_MIRRORS", raising=False)
         for stage in (download, preprocess, train, evaluate, export):
-            stage.main()
+            stage.main([])
     return work
 
 
@@ -123,7 +123,7 @@ def test_no_space_left_names_the_file_and_keeps_every_previous_output(
     before = snapshot(work)
     full_disk_at(monkeypatch, owner, writer, call)
     with pytest.raises(SystemExit) as exited:
-        run_stage(stage.main)
+        run_stage(lambda: stage.main([]))
     assert exited.value.code == 1
     directory = os.path.dirname(path)
     assert capsys.readouterr().err.endswith(
@@ -179,7 +179,7 @@ def test_preprocess_checks_free_space_before_writing(workdir, monkeypatch):
     write_synthetic_mnist(workdir / "data/raw")
     monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
     with pytest.raises(PipelineError) as raised:
-        preprocess.main()
+        preprocess.main([])
     assert str(raised.value) == (
         "data/prepared: not enough free space: preprocess needs 1.4 MB there, 0.0 MB are free; "
         "free some space (df -h data) and run the stage again"
@@ -194,7 +194,7 @@ def test_train_checks_free_space_for_its_state_before_the_first_epoch(work, monk
     with pytest.raises(
         PipelineError, match=r"^models: not enough free space: train needs [\d.]+ MB there, 0\.0 MB are free"
     ):
-        train.main()
+        train.main([])
     assert snapshot(work) == before, "metrics/train keeps the last run's logs"
 
 

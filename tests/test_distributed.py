@@ -29,6 +29,7 @@ from mnist_pipeline import distributed
 from mnist_pipeline.distributed import CrossProcessBatchNorm, Worker, launch, planned_processes
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import load_params
+from mnist_pipeline.prepared import load_meta
 from stages import preprocess, train
 
 # Nothing random but the data's order, so that 2 processes must reach what 1 does; batch norm, so that its
@@ -58,7 +59,7 @@ def prepared(tmp_path_factory) -> Path:
     write_synthetic_mnist(work / "data/raw", train=400, test=100)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
-        preprocess.main()
+        preprocess.main([])
     return work
 
 
@@ -85,7 +86,7 @@ def one_process(prepared, tmp_path_factory) -> Path:
     work = copy_of(prepared, tmp_path_factory.mktemp("one") / "work", processes=1)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
-        train.main()
+        train.main([])
     return work
 
 
@@ -265,7 +266,8 @@ def test_the_workers_share_rows_sums_and_batch_norm_statistics(prepared, tmp_pat
     work = copy_of(prepared, tmp_path / "work")  # launch checks that each worker gets a share of its splits
     monkeypatch.chdir(work)
     params = load_params(prepared / "params.yaml")
-    launch(share_and_reduce, params.model_copy(update={"train": params.train.model_copy(update={"processes": 2})}))
+    two = params.model_copy(update={"train": params.train.model_copy(update={"processes": 2})})
+    launch(share_and_reduce, two, load_meta()["counts"])
     first, second = (torch.load(work / f"worker{rank}.pt", weights_only=True) for rank in (0, 1))
     rows = torch.arange(21.0).view(7, 3)
     assert torch.equal(first["mine"], rows[:4]) and torch.equal(second["mine"], rows[4:])
@@ -469,9 +471,9 @@ def test_more_processes_than_gpus_is_an_error_and_than_cores_a_warning(workdir, 
 def test_the_stage_launches_no_workers_when_it_already_is_one(monkeypatch):
     """Under torchrun (RANK and WORLD_SIZE set), train.processes is not read again: the job has its processes."""
     joined = []
-    monkeypatch.setattr(distributed, "join_job", lambda worker_main, params: joined.append(params))
+    monkeypatch.setattr(distributed, "join_job", lambda worker_main, params, counts: joined.append(params))
     monkeypatch.setattr(distributed, "elastic_launch", lambda *args: pytest.fail("a worker started workers"))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    launch(lambda params, worker: None, "params")
+    launch(lambda params, worker: None, "params", {"train": 4, "val": 4})
     assert joined == ["params"]

@@ -19,7 +19,7 @@ from conftest import (
     write_synthetic_mnist,
 )
 
-from mnist_pipeline import download
+from mnist_pipeline import download, paths
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import Params, load_params
 from stages import download as download_stage
@@ -27,7 +27,7 @@ from stages import download as download_stage
 NAME = MNIST_FILES[1]
 # download.max_megabytes and download.deadline in these tests: synthetic files are a few hundred kB at most.
 MAX_MEGABYTES, DEADLINE = 1, 2.0
-LIMITS = {"max_bytes": MAX_MEGABYTES * download.MEGABYTE, "deadline": DEADLINE, "output_dir": download_stage.OUTPUT_DIR}
+LIMITS = {"max_bytes": MAX_MEGABYTES * download.MEGABYTE, "deadline": DEADLINE, "output_dir": paths.RAW_DIR}
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_fails_over_from_broken_mirrors_to_a_good_one(mirrors, capsys):
     urls, hashes = mirrors
     used = download.download_file(NAME, hashes[NAME], [urls["missing"], urls["corrupt"], urls["good"]], 5, 1, **LIMITS)
     assert used == urls["good"] + NAME
-    assert download.content_sha256(download_stage.OUTPUT_DIR / NAME) == hashes[NAME]
+    assert download.content_sha256(paths.RAW_DIR / NAME) == hashes[NAME]
 
 
 def test_checksum_mismatch_fails_and_writes_nothing(mirrors):
@@ -54,7 +54,7 @@ def test_checksum_mismatch_fails_and_writes_nothing(mirrors):
     with pytest.raises(PipelineError) as raised:
         download.download_file(NAME, hashes[NAME], [urls["corrupt"]], 5, 0, **LIMITS)
     assert "content SHA-256 is" in str(raised.value) and f"expected {hashes[NAME]}" in str(raised.value)
-    assert list(download_stage.OUTPUT_DIR.iterdir()) == [], "no partial or temp file may be left behind"
+    assert list(paths.RAW_DIR.iterdir()) == [], "no partial or temp file may be left behind"
 
 
 def test_all_mirrors_failing_lists_each_and_explains_the_local_mirror(mirrors):
@@ -97,8 +97,8 @@ def test_stage_downloads_all_four_files_from_a_local_directory(mirrors, http_roo
     urls, hashes = mirrors
     monkeypatch.setenv("MNIST_PIPELINE_MIRRORS", str(root / "good"))
     monkeypatch.setattr(download_stage, "load_params", lambda: _params_with(hashes))
-    download_stage.main()
-    assert sorted(p.name for p in download_stage.OUTPUT_DIR.iterdir()) == sorted(MNIST_FILES)
+    download_stage.main([])
+    assert sorted(p.name for p in paths.RAW_DIR.iterdir()) == sorted(MNIST_FILES)
     assert "verified, from file://" in capsys.readouterr().out
 
 
@@ -127,7 +127,7 @@ def test_later_files_start_with_the_mirror_that_worked(mirrors, monkeypatch):
 
     monkeypatch.setattr(download, "fetch", recording_fetch)
     monkeypatch.setattr(download_stage, "load_params", lambda: _params_with(hashes, [urls["missing"], urls["good"]]))
-    download_stage.main()
+    download_stage.main([])
     assert tried == [urls["missing"] + MNIST_FILES[0]] + [urls["good"] + name for name in MNIST_FILES]
 
 
@@ -247,7 +247,7 @@ def test_each_mirror_fault_is_detected_named_and_retried_only_if_transient(fault
     assert f"{urls[fault]}{NAME}: " in str(raised.value) and words in str(raised.value)
     if fault != "refused":
         assert len(requested) == (2 if kind == "transient" else 1)
-    assert files_in(download_stage.OUTPUT_DIR) == [], "no partial or temp file may be left behind"
+    assert files_in(paths.RAW_DIR) == [], "no partial or temp file may be left behind"
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -257,8 +257,8 @@ def test_a_faulty_mirror_is_skipped_and_only_the_verified_file_lands(faulty, fau
         download.download_file(NAME, hashes[NAME], [urls[fault], urls["good"]], TIMEOUT, 0, **LIMITS)
         == urls["good"] + NAME
     )
-    assert files_in(download_stage.OUTPUT_DIR) == [NAME]
-    assert download.content_sha256(download_stage.OUTPUT_DIR / NAME) == hashes[NAME]
+    assert files_in(paths.RAW_DIR) == [NAME]
+    assert download.content_sha256(paths.RAW_DIR / NAME) == hashes[NAME]
 
 
 def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty):
@@ -277,14 +277,14 @@ def test_stage_with_only_faulty_mirrors_fails_cleanly_and_leaves_no_file(faulty)
             },
         },
     )
-    download_stage.OUTPUT_DIR.mkdir(parents=True)
-    (download_stage.OUTPUT_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
+    paths.RAW_DIR.mkdir(parents=True)
+    (paths.RAW_DIR / f".{NAME}.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
     result = run_stage_cli("download")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: could not download {MNIST_FILES[0]} from any mirror. Tried:\n")
     for fault, (words, _) in FAULTS.items():
         assert f"  {urls[fault]}{MNIST_FILES[0]}: " in result.stderr and words in result.stderr
-    assert files_in(download_stage.OUTPUT_DIR) == [], "neither a bad download nor an old temp file may remain"
+    assert files_in(paths.RAW_DIR) == [], "neither a bad download nor an old temp file may remain"
 
 
 def test_malformed_mirror_url_from_the_environment_is_a_clear_failure(workdir):
@@ -311,4 +311,4 @@ def test_a_disk_that_cannot_hold_the_announced_size_stops_the_stage_instead_of_f
         PipelineError, match=r"^data/raw: not enough free space: the download needs [\d.]+ MB there, 0.0 MB are free"
     ):
         download.download_file(NAME, hashes[NAME], [urls["good"], urls["good"]], TIMEOUT, 1, **LIMITS)
-    assert len(requested) == 1 and files_in(download_stage.OUTPUT_DIR) == []
+    assert len(requested) == 1 and files_in(paths.RAW_DIR) == []

@@ -51,8 +51,21 @@ def import_closure(module: str) -> set[str]:
 
 def stage_module(command: str) -> str:
     words = command.split()
-    assert words[:2] == ["python", "-m"] and len(words) == 3, f"a stage runs as `python -m stages.NAME`: {command}"
+    assert words[:2] == ["python", "-m"] and len(words) >= 3, f"a stage runs as `python -m stages.NAME`: {command}"
     return words[2]
+
+
+def command_paths(command: str) -> dict[str, str]:
+    """The `--option path` pairs after `python -m stages.NAME`."""
+    words = command.split()[3:]
+    assert len(words) % 2 == 0 and all(word.startswith("--") for word in words[::2]), command
+    return dict(zip(words[::2], words[1::2], strict=True))
+
+
+def declared_outputs(stage: dict) -> set[str]:
+    """Every path under the stage's outs, metrics and plots, each an entry or the key of one with options."""
+    entries = [entry for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]
+    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in entries}
 
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
@@ -64,6 +77,14 @@ def test_a_stage_depends_on_exactly_the_code_it_imports(name):
     declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
     needed = import_closure(stage_module(stage["cmd"]))
     assert declared == needed, f"{name}: missing {sorted(needed - declared)}, not imported {sorted(declared - needed)}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_stage_command_names_every_data_file_it_reads_and_writes(name):
+    """dvc.yaml's commands show the data flow: each names its data deps and its outputs, and nothing else."""
+    stage = STAGES[name]
+    data = {dep for dep in stage["deps"] if not dep.endswith(".py")} | declared_outputs(stage)
+    assert sorted(command_paths(stage["cmd"]).values()) == sorted(data)
 
 
 def test_the_closure_follows_imports_inside_functions_and_packages():

@@ -9,8 +9,8 @@ import torch
 from conftest import synthetic_digits, update_params, write_checkpoint
 from PIL import Image
 
-from mnist_pipeline import evaluation
-from mnist_pipeline.checkpoint import MODEL_FILE, load_checkpoint
+from mnist_pipeline import evaluation, paths
+from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.device import predict_logits
 from mnist_pipeline.prepared import save_split
 from stages import evaluate
@@ -23,9 +23,9 @@ def evaluated(workdir):
     """evaluate.main run on 60 test images with an untrained model whose class names are not digits."""
     images, labels = synthetic_digits(60, seed=5)
     save_split("test", images, labels)
-    write_checkpoint(workdir / MODEL_FILE, class_names=CLASS_NAMES)
+    write_checkpoint(workdir / paths.MODEL_FILE, class_names=CLASS_NAMES)
     update_params(workdir / "params.yaml", {"evaluate": {"gallery_size": 5}})
-    evaluate.main()
+    evaluate.main([])
     return workdir, images, labels
 
 
@@ -40,13 +40,13 @@ def test_surest_mistakes_come_first_and_ties_keep_test_set_order():
 
 def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evaluated, monkeypatch):
     workdir, images, labels = evaluated
-    model, _ = load_checkpoint(MODEL_FILE)
+    model, _ = load_checkpoint(paths.MODEL_FILE)
     probabilities = predict_logits(model, torch.from_numpy(images).unsqueeze(1), 64).softmax(1)
     confidence, predicted = probabilities.max(1)
     wrong = [i for i in range(len(labels)) if predicted[i] != labels[i]]
     expected = sorted(wrong, key=lambda i: -confidence[i])[:5]
 
-    gallery = sorted((workdir / evaluate.GALLERY_DIR).iterdir())
+    gallery = sorted((workdir / paths.GALLERY_DIR).iterdir())
     assert [p.name for p in gallery] == [f"{rank}.png" for rank in range(1, len(expected) + 1)] and len(expected) == 5
     first = Image.open(gallery[0])
     assert first.width >= 28 * evaluation.GALLERY_SCALE and first.height > 28 * evaluation.GALLERY_SCALE, (
@@ -61,7 +61,7 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
     monkeypatch.setattr(
         evaluation, "labelled_image", lambda pixels, lines: captions.append(lines) or Image.new("L", (1, 1))
     )
-    evaluate.main()
+    evaluate.main([])
     assert captions == [
         [
             f"true: {CLASS_NAMES[labels[i]]}",
@@ -74,14 +74,14 @@ def test_gallery_shows_the_surest_mistakes_in_rank_order_with_their_labels(evalu
 
 def test_eval_json_has_accuracy_and_macro_scores_and_per_class_scores_are_a_csv(evaluated):
     workdir, _, labels = evaluated
-    metrics = json.loads((workdir / evaluate.METRICS_FILE).read_text())
-    details = json.loads((workdir / evaluate.DETAILS_FILE).read_text())
+    metrics = json.loads((workdir / paths.EVAL_METRICS).read_text())
+    details = json.loads((workdir / paths.EVAL_DETAILS).read_text())
     assert set(metrics) == {"accuracy", "precision", "recall", "f1"}, (
         "the headline numbers: `dvc metrics show` shows them"
     )
     assert set(details) == {"misclassified", "test_images", "best_epoch", "device"}, "each number in one file only"
     assert metrics["accuracy"] == pytest.approx(1 - details["misclassified"] / details["test_images"], abs=1e-4)
-    rows = list(csv.DictReader((workdir / evaluate.PER_CLASS_FILE).open()))
+    rows = list(csv.DictReader((workdir / paths.PER_CLASS_FILE).open()))
     assert [row["class"] for row in rows] == CLASS_NAMES
     assert [int(row["support"]) for row in rows] == np.bincount(labels, minlength=10).tolist()
     mean_recall = np.mean([float(row["recall"]) for row in rows])
@@ -90,10 +90,10 @@ def test_eval_json_has_accuracy_and_macro_scores_and_per_class_scores_are_a_csv(
 
 def test_a_new_run_replaces_the_whole_gallery(evaluated):
     workdir, _, _ = evaluated
-    (workdir / evaluate.GALLERY_DIR / "99_stale.png").write_bytes(b"old")
+    (workdir / paths.GALLERY_DIR / "99_stale.png").write_bytes(b"old")
     update_params(workdir / "params.yaml", {"evaluate": {"gallery_size": 0}})
-    evaluate.main()
-    assert list((workdir / evaluate.GALLERY_DIR).iterdir()) == []
+    evaluate.main([])
+    assert list((workdir / paths.GALLERY_DIR).iterdir()) == []
     assert [p.name for p in (workdir / "metrics").iterdir() if p.name.startswith(".")] == [], "no temp directory left"
 
 

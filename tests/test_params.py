@@ -148,7 +148,7 @@ def test_stage_asked_for_missing_cuda_stops_before_any_work(workdir, monkeypatch
     update_params(workdir / "params.yaml", {stage: {"device": "cuda"}})
     before = sorted(workdir.rglob("*"))
     with pytest.raises(PipelineError, match=f"{stage}.device = 'cuda' is not allowed: PyTorch sees no CUDA device"):
-        main()
+        main([])
     assert sorted(workdir.rglob("*")) == before, "nothing written, not even the training logs"
 
 

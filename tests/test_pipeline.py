@@ -206,6 +206,30 @@ def test_dvc_metrics_show_fits_a_120_column_terminal_with_accuracy_precision_rec
     assert max(map(len, table)) <= 120, "\n".join(table)
 
 
+def test_the_stages_read_and_write_exactly_the_paths_their_commands_name(project, tmp_path):
+    """dvc.yaml's commands, every path in them moved under elsewhere/, run from a directory that holds only
+    params.yaml: each stage reads and writes where its command says, and nowhere else."""
+    repo, _ = project
+    (tmp_path / "params.yaml").write_bytes((repo / "params.yaml").read_bytes())
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    moved = {}
+    for name in STAGES:
+        command = re.sub(r"(?<= )(data|models|metrics)/", r"elsewhere/\1/", stages[name]["cmd"])
+        moved[name] = command.split()
+        result = subprocess.run(
+            [sys.executable, *moved[name][1:]],
+            cwd=tmp_path,
+            env={**command_env(), "PYTHONPATH": str(repo)},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, f"{command}:\n{result.stderr}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "params.yaml"]
+    named = {path for words in moved.values() for path in words[4::2]}
+    assert all((tmp_path / path).exists() for path in named)
+    assert (tmp_path / "elsewhere/metrics/eval.json").read_text() == (repo / "metrics/eval.json").read_text()
+
+
 def test_onnx_model_answers_a_batch_of_seven_raw_images(project):
     repo, _ = project
     session = onnxruntime.InferenceSession(str(repo / "models/model.onnx"), providers=["CPUExecutionProvider"])

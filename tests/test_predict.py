@@ -33,9 +33,9 @@ def models(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        preprocess.main()
-        train.main()
-        export.main()
+        preprocess.main([])
+        train.main([])
+        export.main([])
     finally:
         os.chdir(cwd)
     return folder / "models"

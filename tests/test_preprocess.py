@@ -54,7 +54,7 @@ def test_impossible_split_sizes_are_clear_errors(val_size, limit, message):
 def test_stage_writes_splits_and_metadata(workdir):
     update_params(workdir / "params.yaml", TINY_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=300, test=100)
-    preprocess.main()
+    preprocess.main([])
     meta = json.loads((workdir / "data/prepared/meta.json").read_text())
     train_images, train_labels = load_split("train")
     val_images, _ = load_split("val")
@@ -121,7 +121,7 @@ def test_bad_raw_file_is_a_clear_error_naming_it_and_nothing_is_written(workdir,
     else:
         write_idx(content, workdir / path)
     with pytest.raises(PipelineError) as raised:
-        preprocess.main()
+        preprocess.main([])
     assert str(raised.value).startswith(message)
     assert not (workdir / "data/prepared").exists()
 
@@ -132,14 +132,14 @@ def test_val_size_larger_than_the_training_set_stops_before_writing(workdir):
     with pytest.raises(
         PipelineError, match="preprocess.val_size = 300 is too large for the 300 training images; expected at most 299"
     ):
-        preprocess.main()
+        preprocess.main([])
     assert not (workdir / "data/prepared").exists()
 
 
 def test_stage_reports_a_bad_file_in_one_line_and_keeps_the_last_results(workdir):
     update_params(workdir / "params.yaml", TINY_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=300, test=100)
-    preprocess.main()
+    preprocess.main([])
     before = {path.name: path.read_bytes() for path in (workdir / "data/prepared").iterdir()}
     write_idx(np.full(100, 12), workdir / TEST_LABELS)
     result = run_stage_cli("preprocess")

@@ -20,7 +20,7 @@ from conftest import (
     write_synthetic_mnist,
 )
 
-from mnist_pipeline import augment, resume, training
+from mnist_pipeline import augment, paths, resume, training
 from mnist_pipeline import device as device_module
 from mnist_pipeline import model as model_module
 from mnist_pipeline.checkpoint import load_checkpoint
@@ -28,6 +28,8 @@ from mnist_pipeline.distributed import Worker
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
 from stages import preprocess, train
+
+RESUME_FILE = train.resume_file_of(paths.MODEL_FILE)  # the train stage's, by default
 
 
 def test_random_shift_moves_each_image_by_at_most_the_limit():
@@ -59,17 +61,17 @@ def test_random_shift_fills_with_black_and_never_flips():
 def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
     update_params(workdir / "params.yaml", TINY_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
-    train.main()
+    preprocess.main([])
+    train.main([])
     first_bytes = (workdir / "models/model.pt").read_bytes()
     first = torch.load(workdir / "models/model.pt", weights_only=True)
     summary = json.loads((workdir / "metrics/train/metrics.json").read_text())
-    train.main()
+    train.main([])
     assert (workdir / "models/model.pt").read_bytes() == first_bytes, "same params, same bytes: DVC sees no change"
     assert summary["best"]["epoch"] == first["epoch"] and summary["best"]["val_accuracy"] == pytest.approx(
         first["val_accuracy"], abs=1e-6
     )
-    assert json.loads((workdir / train.METRICS_FILE).read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
+    assert json.loads((workdir / paths.TRAIN_METRICS).read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
     curve = (workdir / "metrics/train/plots/metrics/val/accuracy.tsv").read_text().splitlines()
     assert len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
     best_from_curve = max(float(line.split("\t")[1]) for line in curve[1:])
@@ -126,10 +128,12 @@ def train_outputs(work) -> dict:
 def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     uninterrupted = prepared_workdir(tmp_path, "uninterrupted")
     assert run_stage_cli("train", uninterrupted).returncode == 0
-    assert not (uninterrupted / train.RESUME_FILE).exists(), "a finished run leaves no training state behind"
+    assert not (uninterrupted / RESUME_FILE).exists(), (
+        "a finished run leaves no training state behind"
+    )
 
     work = prepared_workdir(tmp_path, "killed")
-    state = work / train.RESUME_FILE
+    state = work / RESUME_FILE
     process = subprocess.Popen(
         stage_command("train"), cwd=work, env=STAGE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -152,12 +156,12 @@ def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
 def test_temp_files_of_a_killed_run_are_gone_after_the_next(workdir):
     update_params(workdir / "params.yaml", TINY_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
+    preprocess.main([])
     stale = [workdir / "models/.model.pt.k1ll3d.tmp", workdir / "models/.train_state.pt.k1ll3d.tmp"]
     for path in stale:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half a file")
-    train.main()
+    train.main([])
     assert not any(path.exists() for path in stale)
 
 
@@ -178,25 +182,25 @@ def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
 def resumable_workdir(workdir):
     update_params(workdir / "params.yaml", RESUMABLE_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
+    preprocess.main([])
     return workdir
 
 
 def test_ctrl_c_stops_in_one_line_and_a_rerun_resumes_from_the_last_epoch(resumable_workdir, monkeypatch, capsys):
-    train.main()
+    train.main([])
     uninterrupted = train_outputs(resumable_workdir)
 
     with monkeypatch.context() as patch:
         interrupt_in_epoch(patch, 3)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stop:
-            run_stage(train.main)
+            run_stage(lambda: train.main([]))
     assert stop.value.code == 130
     assert capsys.readouterr().err == (
-        f"interrupted: training stopped; run it again with the same params to resume from {train.RESUME_FILE}\n"
+        f"interrupted: training stopped; run it again with the same params to resume from {RESUME_FILE}\n"
     )
 
-    train.main()
+    train.main([])
     assert "epochs 1-2 of 6 already done" in capsys.readouterr().out
     assert train_outputs(resumable_workdir) == uninterrupted
 
@@ -204,21 +208,21 @@ def test_ctrl_c_stops_in_one_line_and_a_rerun_resumes_from_the_last_epoch(resuma
 def test_a_training_state_from_other_params_or_damaged_is_reported_and_not_resumed(
     resumable_workdir, monkeypatch, capsys
 ):
-    train.main()
+    train.main([])
     fresh = train_outputs(resumable_workdir)
 
     update_params(resumable_workdir / "params.yaml", {"train": {"lr": 0.02}})
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         interrupt_in_epoch(patch, 3)
-        train.main()
+        train.main([])
     update_params(resumable_workdir / "params.yaml", {"train": {"lr": RESUMABLE_PARAMS["train"]["lr"]}})
     capsys.readouterr()
-    train.main()
+    train.main([])
     assert "comes from a run with other params; starting from epoch 1" in capsys.readouterr().out
     assert train_outputs(resumable_workdir) == fresh
 
-    (resumable_workdir / train.RESUME_FILE).write_bytes(b"not a checkpoint")
-    train.main()
+    (resumable_workdir / RESUME_FILE).write_bytes(b"not a checkpoint")
+    train.main([])
     assert "not a readable training state" in capsys.readouterr().out
     assert train_outputs(resumable_workdir) == fresh
 
@@ -229,8 +233,8 @@ def test_a_compiled_model_trains_and_saves_the_plain_model(workdir):
         workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "compile": True}}
     )
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
-    train.main()
+    preprocess.main([])
+    train.main([])
     model, _ = load_checkpoint(workdir / "models/model.pt")  # no torch.compile wrapper names in the weights
     assert model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 10)
 
@@ -239,7 +243,7 @@ def test_the_training_loop_reads_from_the_device_once_per_epoch_not_once_per_ste
     """On CUDA each read of a tensor's value waits for the GPU; the loop must queue whole epochs of steps."""
     update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "batch_size": 16}})
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
+    preprocess.main([])
     params = load_params()
     reads = []
     for method in ["item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__"]:
@@ -268,24 +272,24 @@ def interrupted_state(workdir, monkeypatch) -> dict:
     """The training state a run leaves when Ctrl-C stops it in its third epoch, loaded."""
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         interrupt_in_epoch(patch, 3)
-        train.main()
-    return torch.load(workdir / train.RESUME_FILE, weights_only=True)
+        train.main([])
+    return torch.load(workdir / RESUME_FILE, weights_only=True)
 
 
 def test_a_training_state_from_another_device_is_reported_and_not_resumed(resumable_workdir, monkeypatch, capsys):
     """A CPU's random generator state would crash a CUDA generator, and the other way round: a state saved on
     another device starts a fresh run, which then replaces the file."""
-    train.main()
+    train.main([])
     fresh = train_outputs(resumable_workdir)
     state = interrupted_state(resumable_workdir, monkeypatch)
     assert state["origin"]["device"] == "cpu"
     state["origin"]["device"] = "cuda"
-    torch.save(state, resumable_workdir / train.RESUME_FILE)
+    torch.save(state, resumable_workdir / RESUME_FILE)
     capsys.readouterr()
-    train.main()
+    train.main([])
     output = capsys.readouterr().out
     assert (
-        f"ignoring {train.RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n"
+        f"ignoring {RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n"
         in output
     )
     assert "resuming" not in output and train_outputs(resumable_workdir) == fresh
@@ -293,12 +297,12 @@ def test_a_training_state_from_another_device_is_reported_and_not_resumed(resuma
 
 def test_a_training_state_saved_by_other_code_is_reported_and_not_resumed(resumable_workdir, monkeypatch, capsys):
     """Kill training, edit the code, rerun: dvc.lock records the new code, so the epochs must be the new code's."""
-    train.main()
+    train.main([])
     fresh = train_outputs(resumable_workdir)
     interrupted_state(resumable_workdir, monkeypatch)
     monkeypatch.setattr(resume, "code_digest", lambda files: "the digest of edited code")
     capsys.readouterr()
-    train.main()
+    train.main([])
     assert "comes from a run with other code; starting from epoch 1" in capsys.readouterr().out
     assert train_outputs(resumable_workdir) == fresh
 
@@ -317,7 +321,7 @@ def test_a_one_cycle_schedule_too_short_to_warm_up_is_one_line_before_training(w
         workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1, "batch_size": 256}}
     )
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
+    preprocess.main([])
     assert_one_line_error(
         run_stage_cli("train", workdir), "train.lr_schedule = onecycle needs more than 1 step of warm-up"
     )
@@ -329,9 +333,9 @@ def test_compiling_before_the_first_epoch_leaves_no_trace_in_training(workdir):
         workdir / "params.yaml", {**TINY_PARAMS, "model": {"cnn": {**TINY_PARAMS["model"]["cnn"], "dropout": 0.3}}}
     )
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
-    preprocess.main()
+    preprocess.main([])
     params = load_params()
-    run = training.prepare(params, Worker(torch.device("cpu")))
+    run = training.prepare(params, Worker(torch.device("cpu")), paths.PREPARED_DIR, paths.PRETRAINED_DIR)
     step = functools.partial(training.training_step, run, params.train)
     step(torch.arange(32))  # an optimiser with state, as after a resume
     weights = {name: tensor.clone() for name, tensor in run.model.state_dict().items()}

@@ -22,7 +22,7 @@ from conftest import (
     write_synthetic_mnist,
 )
 
-from mnist_pipeline import describe_dataset, training
+from mnist_pipeline import describe_dataset, paths, training
 from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.distributed import Worker
 from mnist_pipeline.download import content_sha256
@@ -134,9 +134,9 @@ def test_a_resnet_takes_raw_grey_pixels_and_resizes_them_inside():
 
 
 def test_the_pretrained_stage_fetches_verified_weights_only_when_asked(weights_mirror, weights_file, workdir):
-    pretrained.main()
-    assert sorted(p.name for p in pretrained.OUTPUT_DIR.iterdir()) == [WEIGHTS]
-    assert (pretrained.OUTPUT_DIR / WEIGHTS).read_bytes() == weights_file.read_bytes()
+    pretrained.main([])
+    assert sorted(p.name for p in paths.PRETRAINED_DIR.iterdir()) == [WEIGHTS]
+    assert (paths.PRETRAINED_DIR / WEIGHTS).read_bytes() == weights_file.read_bytes()
 
     # No weights asked for: nothing downloads (the only mirror refuses), the stale file goes, a note stays for DVC.
     update_params(
@@ -146,8 +146,8 @@ def test_the_pretrained_stage_fetches_verified_weights_only_when_asked(weights_m
             "weights": {"mirrors": ["http://127.0.0.1:9/"]},
         },
     )
-    pretrained.main()
-    assert sorted(p.name for p in pretrained.OUTPUT_DIR.iterdir()) == ["none.txt"]
+    pretrained.main([])
+    assert sorted(p.name for p in paths.PRETRAINED_DIR.iterdir()) == ["none.txt"]
 
 
 def test_wrong_weights_fail_over_to_the_next_mirror_then_fail_cleanly(weights_mirror, weights_file, workdir):
@@ -156,9 +156,9 @@ def test_wrong_weights_fail_over_to_the_next_mirror_then_fail_cleanly(weights_mi
     (root / "other" / WEIGHTS).write_bytes(weights_file.read_bytes()[:-1] + b"\x00")  # the same size, another file
     update_params(workdir / "params.yaml", {"weights": {"mirrors": [f"{url}/other/", f"{url}/good/"]}})
     assert run_stage_cli("pretrained").returncode == 0
-    assert file_sha256(pretrained.OUTPUT_DIR / WEIGHTS) == file_sha256(weights_file)
+    assert file_sha256(paths.PRETRAINED_DIR / WEIGHTS) == file_sha256(weights_file)
 
-    (pretrained.OUTPUT_DIR / WEIGHTS).unlink()
+    (paths.PRETRAINED_DIR / WEIGHTS).unlink()
     update_params(workdir / "params.yaml", {"weights": {"sha256": "0" * 64}})
     result = run_stage_cli("pretrained")
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -166,24 +166,24 @@ def test_wrong_weights_fail_over_to_the_next_mirror_then_fail_cleanly(weights_mi
     for mirror in ["other", "good"]:
         assert f"  {url}/{mirror}/{WEIGHTS}: content SHA-256 is " in result.stderr
     assert f"put {WEIGHTS} in a directory and point MNIST_PIPELINE_MIRRORS at it" in result.stderr
-    assert list(pretrained.OUTPUT_DIR.iterdir()) == [], "neither the wrong file nor a temp file is left"
+    assert list(paths.PRETRAINED_DIR.iterdir()) == [], "neither the wrong file nor a temp file is left"
 
 
 def test_weights_that_do_not_fit_the_network_are_a_clear_error(weights_mirror, workdir):
-    pretrained.OUTPUT_DIR.mkdir(parents=True)
-    torch.save({"conv1.weight": torch.zeros(3)}, pretrained.OUTPUT_DIR / WEIGHTS)
+    paths.PRETRAINED_DIR.mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(3)}, paths.PRETRAINED_DIR / WEIGHTS)
     write_synthetic_mnist(workdir / "data/raw", train=100, test=20)
-    preprocess.main()
+    preprocess.main([])
     with pytest.raises(PipelineError, match=f"data/pretrained/{WEIGHTS} does not fit resnet18"):
-        train.main()
+        train.main([])
     assert not (workdir / "models/model.pt").exists()
 
 
 @pytest.fixture
 def frozen_workdir(weights_mirror, workdir):
     write_synthetic_mnist(workdir / "data/raw", train=160, test=40)
-    pretrained.main()
-    preprocess.main()
+    pretrained.main([])
+    preprocess.main([])
     return workdir
 
 
@@ -218,7 +218,7 @@ def test_frozen_features_are_computed_once_and_train_the_same_head(frozen_workdi
 
 @pytest.mark.slow
 def test_a_frozen_resnet_trains_only_its_head(frozen_workdir, weights_file):
-    train.main()
+    train.main([])
     checkpoint = torch.load(frozen_workdir / "models/model.pt", weights_only=True)
     published = torch.load(weights_file, weights_only=True)
     backbone = [name for name in checkpoint["state_dict"] if not name.startswith("fc.")]
@@ -237,13 +237,13 @@ def test_a_frozen_run_interrupted_resumes_to_the_same_bytes(frozen_workdir, monk
     from test_train import interrupt_in_epoch, train_outputs
 
     update_params(frozen_workdir / "params.yaml", {"train": {"epochs": 3}})
-    train.main()
+    train.main([])
     uninterrupted = train_outputs(frozen_workdir)
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         interrupt_in_epoch(patch, 2)
-        train.main()
-    assert (frozen_workdir / train.RESUME_FILE).exists()
-    train.main()
+        train.main([])
+    assert (frozen_workdir / train.resume_file_of(paths.MODEL_FILE)).exists()
+    train.main([])
     assert train_outputs(frozen_workdir) == uninterrupted
 
 
@@ -313,7 +313,7 @@ def test_a_26_class_dataset_labelled_from_1_trains_end_to_end_with_its_class_nam
     )
     monkeypatch.setenv("MNIST_PIPELINE_MIRRORS", str(workdir / "letters"))
     for stage in [download, preprocess, train, evaluate, export]:
-        stage.main()
+        stage.main([])
     metrics = json.loads((workdir / "metrics/eval.json").read_text())
     per_class = (workdir / "metrics/per_class.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in per_class] == LETTERS
