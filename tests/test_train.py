@@ -128,9 +128,7 @@ def train_outputs(work) -> dict:
 def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     uninterrupted = prepared_workdir(tmp_path, "uninterrupted")
     assert run_stage_cli("train", uninterrupted).returncode == 0
-    assert not (uninterrupted / RESUME_FILE).exists(), (
-        "a finished run leaves no training state behind"
-    )
+    assert not (uninterrupted / RESUME_FILE).exists(), "a finished run leaves no training state behind"
 
     work = prepared_workdir(tmp_path, "killed")
     state = work / RESUME_FILE
@@ -288,10 +286,7 @@ def test_a_training_state_from_another_device_is_reported_and_not_resumed(resuma
     capsys.readouterr()
     train.main([])
     output = capsys.readouterr().out
-    assert (
-        f"ignoring {RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n"
-        in output
-    )
+    assert f"ignoring {RESUME_FILE}: it comes from a run with device cuda, not cpu; starting from epoch 1\n" in output
     assert "resuming" not in output and train_outputs(resumable_workdir) == fresh
 
 
