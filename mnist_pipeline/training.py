@@ -209,9 +209,9 @@ class EpochTotals:
 def prepare(params: Params, worker: Worker, prepared: Path, pretrained: Path, cache_features: bool = True) -> Run:
     """A new run on the worker's device: both splits from the prepared directory, the model (its weights drawn from
     torch's global generator, which the caller seeds; then from the pretrained stage's directory if
-    model.resnet18.pretrained asks), optimiser,
-    schedule and mixed precision. A frozen backbone's features are to be computed once when nothing augments its input,
-    unless cache_features is false (to measure what that saves)."""
+    model.resnet18.pretrained asks), optimiser, schedule, mixed precision, and the weights' moving average with
+    train.ema_decay. A frozen backbone's features are to be computed once when nothing augments its input, unless
+    cache_features is false (to measure what that saves)."""
     device = worker.device
     generator = torch.Generator(device).manual_seed(worker.seed(params.train.seed))
     meta = load_meta(prepared)

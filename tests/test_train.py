@@ -27,6 +27,7 @@ from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.distributed import Worker
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
+from mnist_pipeline.prepared import load_split
 from stages import preprocess, train
 
 RESUME_FILE = train.resume_file_of(paths.MODEL_FILE)  # the train stage's, by default
@@ -56,6 +57,26 @@ def test_random_shift_fills_with_black_and_never_flips():
         ]
         assert len(found) == 1, "the result is the source translated, not mirrored or rotated"
         assert (shifted == 0).any() or found == [(0, 0)]
+
+
+def test_with_ema_decay_the_stage_keeps_the_moving_average_that_validation_scored(workdir):
+    """train.ema_decay: validation scores the weights' moving average, and that average is what model.pt holds."""
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "ema_decay": 0.9}})
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main([])
+    train.main([])
+    averaged, checkpoint = load_checkpoint(paths.MODEL_FILE)
+    images, labels = load_split("val")
+    logits = device_module.predict_logits(averaged, torch.from_numpy(images).unsqueeze(1), 1000)
+    assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(checkpoint["val_accuracy"], abs=1e-6)
+
+    update_params(workdir / "params.yaml", {"train": {"ema_decay": 0.0}})
+    train.main([])
+    trained, _ = load_checkpoint(paths.MODEL_FILE)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(averaged.state_dict().values(), trained.state_dict().values(), strict=True)
+    ), "the average is not the trained weights"
 
 
 def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
