@@ -19,7 +19,7 @@ FAST = {
 }
 # A bigger model for the last fraction of a percent: three blocks of two convolutions with batch norm, a wider hidden
 # layer, rotations and zooms on top of the shifts, and validation and the kept model on a moving average of the
-# weights. In fp32, so it trains the same way on every CPU; 20 epochs fit 600 s on 2 cores (docs/performance.md).
+# weights. In fp32, so it trains the same way on every CPU; 20 epochs take about 590 s on 2 cores (docs/performance.md).
 BEST = {
     "model": {"cnn": {"conv_channels": [16, 32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256}},
     "train": {"epochs": 20, "rotate_degrees": 10, "zoom_percent": 10, "ema_decay": 0.999},
