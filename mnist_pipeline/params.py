@@ -181,7 +181,7 @@ class WeightsParams(Section):
 
 class TrainParams(Section):
     device: Device
-    mixed_precision: Literal["auto", "always", "never"]  # not on/off: YAML reads those as booleans
+    mixed_precision: Literal["auto", "native", "always", "never"]  # not on/off: YAML reads those as booleans
     threads: Annotated[int, Field(ge=0, le=1024)]
     processes: Annotated[
         Annotated[int, Field(ge=1)] | Literal["auto"],

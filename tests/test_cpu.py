@@ -96,9 +96,11 @@ def test_without_cpuinfo_nothing_is_assumed_native(monkeypatch, tmp_path):
         ("auto", NATIVE_BF16, None),
         ("never", NATIVE_BF16, None),
         ("always", NATIVE_BF16, torch.bfloat16),
+        ("native", NATIVE_BF16, torch.bfloat16),
+        ("native", AVX2_ONLY, None),
     ],
 )
-def test_auto_trains_in_fp32_on_every_cpu_and_always_in_bf16_silently_where_native(setting, machine, expected, capsys):
+def test_auto_trains_in_fp32_on_every_cpu_and_always_or_native_in_bf16_silently_where_native(setting, machine, expected, capsys):
     assert autocast_dtype(torch.device("cpu"), setting, machine) == expected
     assert capsys.readouterr().err == ""
 
@@ -123,6 +125,8 @@ def test_cuda_keeps_mixed_precision_whatever_the_cpu(monkeypatch, native_bf16, e
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu(native_bf16))
     assert autocast_dtype(torch.device("cuda"), "auto", AVX2_ONLY) == expected
     assert autocast_dtype(torch.device("cuda"), "never", NATIVE_BF16) is None
+    # native never emulates: fp32 on a GPU without bf16, rather than fp16 with its loss scaling
+    assert autocast_dtype(torch.device("cuda"), "native", AVX2_ONLY) == (torch.bfloat16 if native_bf16 else None)
 
 
 def test_a_gpu_that_only_emulates_bf16_trains_in_fp16_with_loss_scaling(monkeypatch):
