@@ -201,6 +201,7 @@ class TrainParams(Section):
     warmup_fraction: number(gt=0, lt=1)
     label_smoothing: number(ge=0, lt=1)
     ema_decay: number(ge=0, lt=1)
+    keep: Literal["best", "last"]
     shift_pixels: Annotated[int, Field(ge=0, le=8)]
     rotate_degrees: number(ge=0, le=30)
     zoom_percent: number(ge=0, le=30)

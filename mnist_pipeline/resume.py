@@ -78,14 +78,14 @@ class ResumeFile:
     def __init__(self, path: Path | None, params: Params, run: Run, code_files: list[Path] = ()):
         self.path, self.origin, self.epochs = path, {}, params.train.epochs
         if path is not None and run.worker.writes:
-            # It holds the weights, the best epoch's weights and up to two optimiser moments per weight, and
+            # It holds the weights, the kept epoch's weights and up to two optimiser moments per weight, and
             # model.pt the weights once more: checked before the first epoch rather than found out after it.
             weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in run.model.state_dict().values())
             require_free_space(path.parent, 5 * weight_bytes, "train")
             self.origin = run_origin(params, run, list(code_files))
 
     def load(self, run: Run, on_epoch: Callable[[dict, PixelClassifier], None]) -> tuple[dict, list[dict]]:
-        """The best epoch and the results of the epochs done, loaded into the run, and those results replayed to
+        """The kept epoch (train.keep) and the results of the epochs done, loaded into the run, and those results replayed to
         on_epoch, so that the logs hold every epoch; none for a fresh run."""
         if self.path is None:
             return {"val_accuracy": -1.0}, []
@@ -98,9 +98,9 @@ class ResumeFile:
         print(f"resuming from {self.path}: epochs 1-{len(saved['history'])} of {self.epochs} already done")
         for result in saved["history"]:
             on_epoch(result, run.model)
-        return saved["best"], saved["history"]
+        return saved["kept"], saved["history"]
 
-    def save(self, run: Run, best: dict, history: list[dict]) -> None:
+    def save(self, run: Run, kept: dict, history: list[dict]) -> None:
         if self.path is None:
             return
         rng = run.worker.gather_objects(rng_states(run.generator, run.device))  # one per worker, in rank order
@@ -109,7 +109,7 @@ class ResumeFile:
         # Through a file object: given a path, torch.save reports a full disk as an iostream error without its cause.
         with atomic_path(self.path) as temp, temp.open("wb") as out:
             parts = {name: part.state_dict() for name, part in run.resumable().items()}
-            state = {"origin": self.origin, "history": history, "best": best, "rng": rng}
+            state = {"origin": self.origin, "history": history, "kept": kept, "rng": rng}
             torch.save({**state, **parts}, out)
 
 

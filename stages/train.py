@@ -1,4 +1,5 @@
-"""Stage 4, train: fit the model on --prepared's splits, keep the epoch with the best validation accuracy in --model.
+"""Stage 4, train: fit the model on --prepared's splits, keep the epoch train.keep names (the best on validation, or
+the last) in --model.
 With train.processes > 1, or under torchrun, several processes share each batch (mnist_pipeline/distributed.py)."""
 
 import argparse
@@ -39,7 +40,7 @@ def train(
     run = prepare(params, worker, prepared, pretrained, cache_features)
     print(run.summary())
     state = ResumeFile(resume_file, params, run, code_files=[Path(__file__)])
-    best, history = state.load(run, on_epoch)
+    kept, history = state.load(run, on_epoch)
     if len(history) < params.train.epochs:
         prepare_steps(run, params.train)
     for epoch in range(len(history) + 1, params.train.epochs + 1):
@@ -55,19 +56,19 @@ def train(
                 "seconds": seconds,
             }
         )
-        if val_accuracy > best["val_accuracy"]:
-            best = {
+        if params.train.keep == "last" or val_accuracy > kept["val_accuracy"]:
+            kept = {
                 "epoch": epoch,
                 "val_accuracy": val_accuracy,
                 "state_dict": copy.deepcopy(run.kept_model().network.state_dict()),
             }
-        state.save(run, best, history)
+        state.save(run, kept, history)
         on_epoch(history[-1], run.model)
-    run.model.network.load_state_dict(best["state_dict"])
+    run.model.network.load_state_dict(kept["state_dict"])
     return (
         run.model,
         run.architecture,
-        {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "device": worker.device.type},
+        {"epoch": kept["epoch"], "val_accuracy": kept["val_accuracy"], "device": worker.device.type},
     )
 
 
@@ -98,17 +99,17 @@ def train_and_write(params: Params, worker: Worker, paths: argparse.Namespace) -
         atomic_directory(paths.logs) as live_dir,
         Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live,
     ):
-        model, architecture, best = train(
+        model, architecture, kept = train(
             params, worker, lambda result, model: log_epoch(live, params.train.epochs, result), **inputs
         )
         # DVCLive's summary is the kept epoch; the last epoch's numbers end the curves.
-        live.summary = {"best": {"epoch": best["epoch"], "val_accuracy": round(best["val_accuracy"], 6)}}
+        live.summary = {"kept": {"epoch": kept["epoch"], "val_accuracy": round(kept["val_accuracy"], 6)}}
     with atomic_path(paths.model) as temp:
         network = model.network.to("cpu", memory_format=torch.contiguous_format)
-        save_checkpoint(temp, network, architecture, load_meta(paths.prepared), extra=best)
-    write_json(paths.metrics, {"val_accuracy": round(best["val_accuracy"], 6)})  # one row of `dvc metrics show`
+        save_checkpoint(temp, network, architecture, load_meta(paths.prepared), extra=kept)
+    write_json(paths.metrics, {"val_accuracy": round(kept["val_accuracy"], 6)})  # one row of `dvc metrics show`
     inputs["resume_file"].unlink(missing_ok=True)
-    print(f"kept epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}) in {paths.model}")
+    print(f"kept epoch {kept['epoch']} (val accuracy {kept['val_accuracy']:.4f}) in {paths.model}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -214,10 +214,10 @@ def fastest_precision(device: torch.device) -> tuple[str, str, str]:
         name = "bf16" if cuda_has_native_bf16() else "fp16"
         return name, "auto", f"CUDA {'has' if name == 'bf16' else 'lacks'} bf16"
     if this_cpu().native_bf16:
-        return "bf16", "always", "this CPU computes bf16 natively"
+        return "bf16", "native", "this CPU computes bf16 natively"
     return (
         "fp32",
-        "never",
+        "native",
         "this CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated, several times slower",
     )
 

@@ -89,14 +89,29 @@ def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
     summary = json.loads((workdir / "metrics/train/metrics.json").read_text())
     train.main([])
     assert (workdir / "models/model.pt").read_bytes() == first_bytes, "same params, same bytes: DVC sees no change"
-    assert summary["best"]["epoch"] == first["epoch"] and summary["best"]["val_accuracy"] == pytest.approx(
+    assert summary["kept"]["epoch"] == first["epoch"] and summary["kept"]["val_accuracy"] == pytest.approx(
         first["val_accuracy"], abs=1e-6
     )
-    assert json.loads((workdir / paths.TRAIN_METRICS).read_text()) == {"val_accuracy": summary["best"]["val_accuracy"]}
+    assert json.loads((workdir / paths.TRAIN_METRICS).read_text()) == {"val_accuracy": summary["kept"]["val_accuracy"]}
     curve = (workdir / "metrics/train/plots/metrics/val/accuracy.tsv").read_text().splitlines()
     assert len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
     best_from_curve = max(float(line.split("\t")[1]) for line in curve[1:])
     assert first["val_accuracy"] == pytest.approx(best_from_curve, abs=1e-6)
+
+
+@pytest.mark.parametrize("keep, kept_epoch", [("best", 1), ("last", 3)])
+def test_train_keep_picks_the_best_validated_epoch_or_the_last(workdir, monkeypatch, keep, kept_epoch):
+    """Validation made to get worse every epoch (0.9, 0.8, 0.7): `best` keeps the first, `last` the third."""
+    update_params(workdir / "params.yaml", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "keep": keep}})
+    write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
+    preprocess.main([])
+    scores = iter([0.9, 0.8, 0.7])
+    monkeypatch.setattr(train, "evaluate", lambda *args: (0.5, next(scores)))
+    train.main([])
+    kept = torch.load(workdir / "models/model.pt", weights_only=True)
+    assert (kept["epoch"], kept["val_accuracy"]) == (kept_epoch, pytest.approx(1 - kept_epoch / 10))
+    summary = json.loads((workdir / "metrics/train/metrics.json").read_text())
+    assert summary["kept"]["epoch"] == kept_epoch
 
 
 def test_zero_rotation_and_zoom_is_the_identity():
