@@ -85,8 +85,8 @@ class ResumeFile:
             self.origin = run_origin(params, run, list(code_files))
 
     def load(self, run: Run, on_epoch: Callable[[dict, PixelClassifier], None]) -> tuple[dict, list[dict]]:
-        """The kept epoch (train.keep) and the results of the epochs done, loaded into the run, and those results replayed to
-        on_epoch, so that the logs hold every epoch; none for a fresh run."""
+        """The kept epoch (train.keep) and the results of the epochs done, loaded into the run, and those results
+        replayed to on_epoch, so that the logs hold every epoch; none for a fresh run."""
         if self.path is None:
             return {"val_accuracy": -1.0}, []
         saved = run.worker.object_from_first(load_resume_state(self.path, self.origin) if run.worker.writes else None)

@@ -100,7 +100,9 @@ def test_without_cpuinfo_nothing_is_assumed_native(monkeypatch, tmp_path):
         ("native", AVX2_ONLY, None),
     ],
 )
-def test_auto_trains_in_fp32_on_every_cpu_and_always_or_native_in_bf16_silently_where_native(setting, machine, expected, capsys):
+def test_auto_trains_in_fp32_on_every_cpu_and_always_or_native_in_bf16_silently_where_bf16_is_native(
+    setting, machine, expected, capsys
+):
     assert autocast_dtype(torch.device("cpu"), setting, machine) == expected
     assert capsys.readouterr().err == ""
 
