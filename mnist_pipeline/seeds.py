@@ -34,6 +34,13 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
+def head_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PipelineError(f"mnist-seeds runs in a git repository with a commit: {gist(result.stderr.strip())}")
+    return result.stdout.strip()
+
+
 def start_workers(jobs: int) -> None:
     """`dvc queue start -j jobs`. Its workers outlive it and keep the output they inherit: a pipe to read it through
     would stay open until the queue is done, so they write to a file instead."""
@@ -160,11 +167,14 @@ def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[s
     if count < 1 or jobs < 1:
         raise PipelineError(f"--seeds and --jobs must be at least 1, not {count} and {jobs}")
     seeds = list(range(first_seed, first_seed + count))
+    # The runs branch from the commit checked out now; `dvc exp show` lists only HEAD's experiments by default, and
+    # a commit made while they run would hide them.
+    baseline = head_commit()
     names = queue(preset, seeds, extra, time.strftime("%m%d-%H%M%S"))
     print(f"queued {len(names)} experiments: {', '.join(names)}", flush=True)
     started = wait(names, jobs)
     try:
-        shown = json.loads(dvc("exp", "show", "--json"))
+        shown = json.loads(dvc("exp", "show", "--json", "--rev", baseline))
     except json.JSONDecodeError as error:
         raise PipelineError(f"dvc exp show --json printed no JSON: {gist(error)}") from None
     rows = experiment_rows(shown, names)

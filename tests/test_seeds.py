@@ -1,9 +1,11 @@
 """`mnist-seeds` and the presets it queues: the `-S` values DVC gets, and the mistakes it answers in one line
 (tests/test_pipeline.py runs it for real, two seeds in a throw-away DVC repository)."""
 
+import json
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import yaml
 
@@ -106,3 +108,34 @@ def test_starting_the_workers_returns_while_they_run(tmp_path, monkeypatch):
     started = time.monotonic()
     seeds.start_workers(1)
     assert time.monotonic() - started < 10
+
+
+def test_the_results_are_read_from_the_commit_the_runs_branched_from_though_head_moved_on(monkeypatch, capsys):
+    """A commit made while the seeds run moves HEAD, whose experiments `dvc exp show` lists by default: the runs are
+    read back from the commit they were queued on."""
+    record = {
+        "timestamp": "2026-12-06T04:05:00",
+        "metrics": {
+            "metrics/train.json": {"data": {"val_accuracy": 0.99}},
+            "metrics/eval.json": {"data": {"accuracy": 0.98}},
+        },
+    }
+    shown = [
+        {
+            "rev": "queued-on",
+            "experiments": [{"name": "best-seed0-x", "revs": [{"name": "best-seed0-x", "data": record}]}],
+        }
+    ]
+    calls = []
+
+    def dvc(*args):
+        calls.append(args)
+        return json.dumps(shown if args[-1] == "queued-on" else [])
+
+    monkeypatch.setattr(seeds, "head_commit", lambda: "queued-on")
+    monkeypatch.setattr(seeds, "queue", lambda preset, numbers, extra, run_id: ["best-seed0-x"])
+    monkeypatch.setattr(seeds, "wait", lambda names, jobs: datetime.fromisoformat("2026-12-06T04:00:00"))
+    monkeypatch.setattr(seeds, "dvc", dvc)
+    seeds.run_seeds("best", 1, 0, 1, [])
+    assert calls == [("exp", "show", "--json", "--rev", "queued-on")]
+    assert "test accuracy:  mean 0.9800" in capsys.readouterr().out
