@@ -19,8 +19,8 @@ FAST = {
 }
 # A bigger model for the last fraction of a percent: three blocks of two convolutions with batch norm, a wider hidden
 # layer, rotations and zooms on top of the shifts, and a moving average of the weights, kept at the last of a fixed
-# 20 epochs. In bf16 where the CPU computes it natively (AVX512-BF16, AMX), 1.6x as fast as fp32 on an AMD EPYC;
-# fp32 elsewhere. Each run's time and the accuracy over seeds are in docs/performance.md.
+# 20 epochs. In bf16 where the CPU computes it natively (AVX512-BF16, AMX), fp32 elsewhere. Each run's time and the
+# accuracy over seeds are in docs/performance.md.
 BEST = {
     "model": {"cnn": {"conv_channels": [16, 32, 64], "convs_per_block": 2, "batch_norm": True, "fc_units": 256}},
     "train": {
