@@ -1,16 +1,19 @@
 """mnist-serve: the exported model over HTTP, on the Open Inference Protocol (KServe v2), with a draw-a-digit page.
 
 FastAPI on uvicorn, onnxruntime underneath. Concurrent requests are batched into one onnxruntime call (a bounded
-wait, a bounded batch). Images sent to /predict and drawn on the page are prepared by mnist-predict's own code
-(mnist_pipeline.predict), so the server and the command give the same answer for the same file. Every asset, the
-OpenAPI docs' included, is served by the app itself: nothing is fetched from a CDN.
+wait, a bounded batch); with --workers, each of several processes batches its own, and /metrics sums them. Images
+sent to /predict and drawn on the page are prepared by mnist-predict's own code (mnist_pipeline.predict), so the
+server and the command give the same answer for the same file. Every asset, the OpenAPI docs' included, is served
+by the app itself: nothing is fetched from a CDN.
 """
 
 import argparse
 import asyncio
 import io
 import json
+import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,7 +30,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -130,7 +140,9 @@ class Batcher:
 
 
 class Metrics:
-    """The server's Prometheus metrics, in a registry of its own (one per app, so tests can run several)."""
+    """The server's Prometheus metrics, in a registry of its own (one per app, so tests can run several). Under
+    several workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, which main sets before it
+    starts them) keeps each worker's values in a file, and /metrics reports their sums, whichever worker answers."""
 
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry()
@@ -156,15 +168,23 @@ class Metrics:
             buckets=sorted({*(s for s in sizes if s < max_batch), max_batch, MAX_REQUEST_IMAGES}),
         )
 
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format: this process's, or every worker's summed."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker)
+        return generate_latest(every_worker)
+
 
 class ServedModel:
     """The model file, loaded or not: a server whose model is missing or corrupt stays live, not ready, and says why."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, threads: int = 0):
         self.classifier: Classifier | None = None
         try:
             self.path = default_model() if path is None else Path(path)
-            self.classifier = Classifier(self.path)
+            self.classifier = Classifier(self.path, threads)
             self.reason = ""
         except PipelineError as error:
             self.path, self.reason = path, str(error)
@@ -295,9 +315,12 @@ class Measure:
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
 
 
-def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms: float = 2.0) -> FastAPI:
-    """The service for one model file (None: the default model, found as mnist-predict finds it)."""
-    served = ServedModel(None if model is None else Path(model))
+def create_app(
+    model: Path | str | None = None, max_batch: int = 64, max_wait_ms: float = 2.0, threads: int = 0
+) -> FastAPI:
+    """The service for one model file (None: the default model, found as mnist-predict finds it), its onnxruntime
+    calls on `threads` threads (0: every core)."""
+    served = ServedModel(None if model is None else Path(model), threads)
     metrics = Metrics(max_batch)
     active = [0]  # requests being handled now
     batcher = (
@@ -368,7 +391,7 @@ def create_app(model: Path | str | None = None, max_batch: int = 64, max_wait_ms
 
     @app.get("/metrics", summary="Prometheus metrics: requests, errors, latency, batch sizes")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
@@ -563,6 +586,14 @@ def prepare(data: bytes, name: str, size: tuple[int, int]) -> np.ndarray:
     return mnist_style(decode_image(io.BytesIO(data), name, MAX_PIXELS), size)
 
 
+APP_SETTINGS = "MNIST_SERVE_APP"  # how main hands create_app's arguments to worker processes, as JSON
+
+
+def app_from_environment() -> FastAPI:
+    """create_app with the arguments main left in the environment: the app factory each worker process calls."""
+    return create_app(**json.loads(os.environ[APP_SETTINGS]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mnist-serve",
@@ -585,17 +616,48 @@ def main(argv: list[str] | None = None) -> None:
         default=2.0,
         help="longest wait for more requests to batch with the first, in ms (default: 2)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port, each batching its own requests and running onnxruntime on its "
+        "share of the cores (default: 1; one per core serves the most requests, see docs/performance.md)",
+    )
     args = parser.parse_args(argv)
-    if args.max_batch < 1 or not 0 <= args.max_wait_ms <= 100:
-        print("error: --max-batch must be 1 or more and --max-wait-ms from 0 to 100", file=sys.stderr)
+    if args.max_batch < 1 or not 0 <= args.max_wait_ms <= 100 or args.workers < 1:
+        print("error: --max-batch and --workers must be 1 or more, and --max-wait-ms from 0 to 100", file=sys.stderr)
         sys.exit(1)
-    app = create_app(args.model, args.max_batch, args.max_wait_ms)
-    served = app.state.served
+    cores = len(os.sched_getaffinity(0))
+    settings = {
+        "model": args.model,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        # Workers that each took every core would fight over them: each gets its share.
+        "threads": 0 if args.workers == 1 else max(1, cores // args.workers),
+    }
+    app = create_app(**settings) if args.workers == 1 else None
+    served = app.state.served if app else ServedModel(None if args.model is None else Path(args.model))
     if served.classifier is None:
         print(f"warning: not ready: {served.reason}", file=sys.stderr)
     else:
-        print(f"serving {served.path} as {MODEL_NAME!r} on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        workers = f" by {args.workers} worker processes" if args.workers > 1 else ""
+        print(f"serving {served.path} as {MODEL_NAME!r}{workers} on http://{args.host}:{args.port}/", file=sys.stderr)
+    if app:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return
+    with tempfile.TemporaryDirectory(prefix="mnist-serve-metrics-") as metrics_dir:
+        # Both are read by the worker processes, which uvicorn starts afresh: prometheus_client picks its
+        # multiprocess mode at import, from the environment.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ[APP_SETTINGS] = json.dumps(settings)
+        uvicorn.run(
+            "mnist_pipeline.serve:app_from_environment",
+            factory=True,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+        )
 
 
 if __name__ == "__main__":

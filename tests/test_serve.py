@@ -134,6 +134,49 @@ def test_concurrent_requests_are_batched_and_measured(server, model):
     assert counts[64.0] == calls, "no call held more than --max-batch images"
 
 
+def test_several_workers_share_the_port_and_their_metrics_add_up(model):
+    """--workers 2: two processes accept on one port, each batching its own requests; /metrics, whichever worker
+    answers it, counts every request of both (each connection here is new, so both workers take some)."""
+    images = np.random.default_rng(3).integers(0, 256, size=(40, 1, 28, 28), dtype=np.uint8)
+    expected = reference(model, images)["probabilities"]
+    with mnist_serve("--model", str(model), "--workers", "2") as (url, _):
+
+        def infer(i):
+            tensor = {
+                "name": "pixels",
+                "shape": [1, 1, 28, 28],
+                "datatype": "UINT8",
+                "data": images[i].ravel().tolist(),
+            }
+            answer = requests.post(f"{url}/v2/models/mnist/infer", json={"inputs": [tensor]}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return np.array(answer.json()["outputs"][1]["data"])
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(infer, range(len(images))))
+        np.testing.assert_allclose(np.stack(results), expected, rtol=1e-5, atol=1e-6)
+        for _ in range(3):
+            metrics = requests.get(f"{url}/metrics", timeout=30).text
+            answered = re.search(
+                r'mnist_requests_total\{path="/v2/models/\{name\}/infer",status="200"\} (\S+)', metrics
+            )
+            assert float(answered.group(1)) == len(images)
+            assert float(re.search(r"mnist_batch_images_sum (\S+)", metrics).group(1)) == len(images)
+
+
+def test_bad_worker_counts_are_refused_before_anything_starts(model):
+    finished = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.serve", "--model", str(model), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 1
+    assert finished.stderr.strip() == (
+        "error: --max-batch and --workers must be 1 or more, and --max-wait-ms from 0 to 100"
+    )
+
+
 def decompression_bomb() -> bytes:
     """A valid PNG header for 30000 x 30000 grey pixels, whose few kilobytes would decode to 900 MB."""
 
