@@ -11,6 +11,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from torch import nn
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.int8_depthwise import depthwise_single_channel_convs
 from mnist_pipeline.int8_input import read_raw_pixels
 from mnist_pipeline.model import PixelClassifier
 from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, PROBABILITIES
@@ -123,7 +124,9 @@ INT8_SETTINGS = {
 }
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, raw_pixels: bool = True) -> None:
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calibration: np.ndarray, raw_pixels: bool = True, depthwise: bool = True
+) -> None:
     """onnxruntime's static quantisation (INT8_SETTINGS): 7-bit int8 weights per output channel and uint8
     activations, their ranges calibrated on `calibration`, in the QDQ format that onnxruntime fuses into integer
     kernels on x86.
@@ -131,7 +134,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, raw
     The convolutions, activations, poolings and matrix products run in 8 bits from the first convolution to the
     logits; the softmax stays in float, so the probabilities keep their precision. With raw_pixels, where the input
     preparation is the normalisation alone (the CNN), the first convolution reads the uint8 pixels as its quantised
-    input (int8_input.py); else, and for ResNet-18's resize, the input is prepared in float and quantised.
+    input (int8_input.py); else, and for ResNet-18's resize, the input is prepared in float and quantised. With
+    depthwise, a convolution over one input channel (the CNN's first) runs as a depthwise one over copies of it,
+    the same integers by a faster kernel (int8_depthwise.py). The benchmark turns each off to show what it buys.
     """
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
@@ -140,6 +145,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, raw
     fp32, int8 = onnx.load(fp32_path), onnx.load(int8_path)
     if raw_pixels:
         read_raw_pixels(int8)
+    if depthwise:
+        depthwise_single_channel_convs(int8)
     int8.doc_string = (
         fp32.doc_string + " Activations quantised to 8 bits, weights to 7 (the same answers on every CPU)."
     )

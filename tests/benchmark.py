@@ -424,19 +424,20 @@ def int8_steps(rounds: int = 7) -> dict[str, str]:
         export_checkpoint(model, checkpoint, fp32_path, params.opset, images.shape[1])
         calibration = calibration_sample(load_split("train")[0], params.calibration_images, params.seed)
         files = {}
-        for name, raw in [("plain", False), ("raw", True)]:
+        for name, raw, depthwise in [("plain", False, False), ("raw", True, False), ("depthwise", True, True)]:
             files[name] = Path(folder) / f"model.{name}.int8.onnx"
-            quantize_int8(fp32_path, files[name], calibration, raw_pixels=raw)
+            quantize_int8(fp32_path, files[name], calibration, raw_pixels=raw, depthwise=depthwise)
         # The last step is the exported model as mnist-predict runs it; the one after it was tried and not adopted.
         steps = {
             "fp32": inference_session(fp32_path, threads),
             "int8, QDQ as quantize_static writes it": inference_session(files["plain"], threads),
             "+ raw uint8 pixels into the first conv": inference_session(files["raw"], threads),
+            "+ first conv depthwise on 16 copies": inference_session(files["depthwise"], threads),
             "(tried) + QDQPropagationTransformer off": inference_session(
-                files["raw"], threads, ("QDQPropagationTransformer",)
+                files["depthwise"], threads, ("QDQPropagationTransformer",)
             ),
         }
-        exported = "+ raw uint8 pixels into the first conv"
+        exported = "+ first conv depthwise on 16 copies"
         accuracy = {
             name: float(
                 (

@@ -61,7 +61,8 @@ def test_inference_steps_print_fp32_against_int8_and_what_each_step_bought(train
     assert set(summary) == {"int8_speedup_1000", "int8_speedup_1", "int8_accuracy_drop_points"}
     for batch in [1000, 1]:
         assert f"batch {batch}: + raw uint8 pixels into the first conv" in output
-    assert output.count("the step before") == 4 and output.count("test accuracy: ") == 4
+        assert f"batch {batch}: + first conv depthwise on 16 copies" in output
+    assert output.count("the step before") == 6 and output.count("test accuracy: ") == 5
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from mnist_pipeline.params import ExportParams
 
 QEMU = shutil.which("qemu-x86_64")
 LAYERS = ("Gemm", "Conv")  # onnxruntime's QGEMM and its convolution kernels, both u8 * s8 on x86
+MODELS = (*LAYERS, "ConvDepthwise")  # and the Conv as the export writes it, for its depthwise kernel
 
 
 def saturating_model(layer: str) -> onnx.ModelProto:
@@ -76,12 +77,17 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("int8")
     pixels = bright_runs()
     np.save(folder / "pixels.npy", pixels)
-    for layer in LAYERS:
-        onnx.save(saturating_model(layer), folder / f"{layer}.onnx")
-        onnx_export.quantize_int8(folder / f"{layer}.onnx", folder / f"{layer}.int8.onnx", pixels)
+    # The Conv model has one input channel, which the export runs as a depthwise convolution (int8_depthwise.py):
+    # "Conv" keeps onnxruntime's general convolution kernel, the one that pairs products, and "ConvDepthwise" is
+    # what the export writes.
+    for layer, source, depthwise in [("Gemm", "Gemm", True), ("Conv", "Conv", False), ("ConvDepthwise", "Conv", True)]:
+        onnx.save(saturating_model(source), folder / f"{source}.onnx")
+        onnx_export.quantize_int8(folder / f"{source}.onnx", folder / f"{layer}.int8.onnx", pixels, depthwise=depthwise)
         with pytest.MonkeyPatch.context() as patch:
             patch.setitem(onnx_export.INT8_SETTINGS, "reduce_range", False)
-            onnx_export.quantize_int8(folder / f"{layer}.onnx", folder / f"{layer}.8-bit.onnx", pixels)
+            onnx_export.quantize_int8(
+                folder / f"{source}.onnx", folder / f"{layer}.8-bit.onnx", pixels, depthwise=depthwise
+            )
     return folder
 
 
@@ -111,7 +117,7 @@ def test_on_this_cpu_onnxruntime_matches_the_reference(models):
     from mnist_pipeline.onnx_io import onnx_outputs
 
     pixels = np.load(models / "pixels.npy")
-    for layer in LAYERS:
+    for layer in MODELS:
         path = models / f"{layer}.int8.onnx"
         logits = onnx_outputs(path, pixels)[0]
         figures, problem = compare_with_reference(onnx.load(path), pixels, logits)
@@ -163,11 +169,13 @@ def test_on_an_emulated_avx2_cpu_8_bit_weights_fail_the_layer_check_and_7_bit_on
     from mnist_pipeline.onnx_io import onnx_outputs
 
     steps = json.loads(on_emulated_avx2(LAYER_STEPS, models))
-    assert set(steps) == {"Conv.8-bit.onnx", "Gemm.8-bit.onnx", "Conv.int8.onnx", "Gemm.int8.onnx"}
+    assert set(steps) == {f"{layer}.{bits}.onnx" for layer in MODELS for bits in ("8-bit", "int8")}
     assert steps["Conv.8-bit.onnx"] > 100 and steps["Gemm.8-bit.onnx"] > 100, steps
     assert steps["Conv.int8.onnx"] <= 1 and steps["Gemm.int8.onnx"] <= 1, steps
+    # The depthwise kernel sums each output in 32 bits, pairing nothing: even 8-bit weights are exact there.
+    assert steps["ConvDepthwise.8-bit.onnx"] <= 1 and steps["ConvDepthwise.int8.onnx"] <= 1, steps
     pixels = np.load(models / "pixels.npy")
-    for layer in LAYERS:
+    for layer in MODELS:
         native = onnx_outputs(models / f"{layer}.int8.onnx", pixels)[0]
         assert np.array_equal(native, np.load(models / f"{layer}.int8.onnx.emulated.npy"))
 
@@ -418,3 +426,25 @@ def test_an_input_preparation_that_is_not_affine_keeps_its_float_input(tmp_path)
     quantized = onnx.load(tmp_path / "plain.onnx")
     assert not read_raw_pixels(quantized)
     assert "Cast" in {node.op_type for node in quantized.graph.node}
+
+
+def test_a_convolution_over_one_channel_runs_depthwise_on_copies_with_the_same_logits(tmp_path):
+    """The first convolution reads its one channel copied to its 4 output channels, as a depthwise convolution
+    (group 4) with the same weights: onnxruntime's logits are bit for bit those of the convolution as quantize_static
+    wrote it, and the layer check against onnx's reference passes. A second rewrite finds nothing left to do."""
+    from mnist_pipeline.int8_depthwise import depthwise_single_channel_convs
+    from mnist_pipeline.onnx_io import onnx_outputs
+
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+    onnx.save(normalising_conv(), tmp_path / "float.onnx")
+    onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "depthwise.onnx", pixels)
+    onnx_export.quantize_int8(tmp_path / "float.onnx", tmp_path / "general.onnx", pixels, depthwise=False)
+    model = onnx.load(tmp_path / "depthwise.onnx")
+    (conv,) = [node for node in model.graph.node if node.op_type == "Conv"]
+    assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}["group"] == 4
+    assert [node.op_type for node in model.graph.node].count("Expand") == 1
+    logits = onnx_outputs(tmp_path / "depthwise.onnx", pixels)[0]
+    assert np.array_equal(logits, onnx_outputs(tmp_path / "general.onnx", pixels)[0])
+    figures, problem = compare_with_reference(model, pixels, logits)
+    assert problem is None and figures["int8_layer_max_steps"] <= 1
+    assert depthwise_single_channel_convs(model) == 0
