@@ -5,6 +5,8 @@ queue (`dvc queue start`), waits for it, and reads every result back from `dvc e
 in DVC, to compare (`make compare`), apply or push like any other. The workspace is left alone: queued experiments run
 in temporary copies of the repository. Run one at a time (the default), each run's seconds are its wall time with its
 set-up: from the end of the run before it (or the start of the queue) to the time DVC committed it as an experiment.
+A seed whose params, data and code match an earlier run is restored from DVC's run-cache, not trained: its row says so,
+and its seconds, the restore's, are left out of the time summary.
 """
 
 import argparse
@@ -26,6 +28,8 @@ METRICS = {"val_accuracy": ("metrics/train.json", "val_accuracy"), "test accurac
 # from DVC's commit times, not from when the poll noticed.
 POLL_SECONDS = 10.0
 ENDED = ("Success", "Failed")
+# What `dvc exp run` logs when it checks out an earlier run's outputs instead of running the stage.
+RESTORED_TRAINING = "Stage 'train' is cached"
 
 
 def dvc(*args: str) -> str:
@@ -113,6 +117,12 @@ def run_seconds(rows: dict[str, dict], started: datetime, jobs: int) -> dict[str
     return seconds
 
 
+def restored_from_run_cache(name: str) -> bool:
+    """Whether DVC restored the experiment's model from its run-cache instead of training it: the params, data and
+    code matched an earlier run's, so its seconds are a checkout's, not a run's."""
+    return RESTORED_TRAINING in dvc("queue", "logs", name)
+
+
 def experiment_rows(shown: list, names: list[str]) -> dict[str, dict]:
     """The records of the named experiments in `dvc exp show --json`'s output, found wherever they nest."""
     found = {}
@@ -144,7 +154,12 @@ def spread(values: list[float]) -> str:
 
 
 def report(
-    preset: str, seeds: list[int], names: list[str], seconds: dict[str, float | None], rows: dict[str, dict]
+    preset: str,
+    seeds: list[int],
+    names: list[str],
+    seconds: dict[str, float | None],
+    rows: dict[str, dict],
+    restored: set[str] = frozenset(),
 ) -> None:
     print(f"\n{preset} preset over {len(seeds)} seeds on {this_cpu().describe()}")
     print(f"{'seed':>4}  {'experiment':<28} {'val_accuracy':>12} {'test accuracy':>13} {'seconds':>8}")
@@ -153,15 +168,19 @@ def report(
         print(
             f"{seed:>4}  {name:<28} {metric(rows[name], 'val_accuracy'):>12.4f} "
             f"{metric(rows[name], 'test accuracy'):>13.4f} {shown:>8}"
+            + ("  restored from DVC's run-cache, not trained" if name in restored else "")
         )
     for label in METRICS:
         print(f"{label + ':':<15} {spread([metric(rows[name], label) for name in names])}")
-    times = [seconds[name] for name in names if seconds[name] is not None]
+    times = [seconds[name] for name in names if seconds[name] is not None and name not in restored]
+    left_out = f"; {len(restored)} restored left out" if restored else ""
     if times:
         print(
             f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} "
-            "(each run with its set-up, one at a time)"
+            f"(n={len(times)}, each run with its set-up, one at a time{left_out})"
         )
+    elif restored:
+        print(f"{'seconds:':<15} none measured: every run was restored from DVC's run-cache, not trained")
 
 
 def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[str]) -> None:
@@ -186,7 +205,8 @@ def run_seeds(preset: str, count: int, first_seed: int, jobs: int, extra: list[s
         raise PipelineError(
             f"dvc exp show has no metrics for {', '.join(missing)}: `dvc queue logs NAME` shows what happened"
         )
-    report(preset, seeds, names, run_seconds(rows, started, jobs), rows)
+    restored = {name for name in names if restored_from_run_cache(name)}
+    report(preset, seeds, names, run_seconds(rows, started, jobs), rows, restored)
 
 
 def main(argv: list[str] | None = None) -> None:

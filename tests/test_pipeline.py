@@ -692,6 +692,12 @@ def test_mnist_seeds_queues_runs_and_summarises_two_seeds_without_touching_the_w
     assert re.search(r"^val_accuracy:\s+mean .+\(n=2\)$", output, flags=re.MULTILINE) and "seconds:" in output, output
     assert (clone / "params.yaml").read_bytes() == params_before, "queued runs leave the workspace alone"
 
+    again = run(
+        ["mnist-seeds", "--preset", "default", "--seeds", "1", "--first-seed", "7", "-S", "train.threads=1"], clone
+    )
+    assert re.search(r"^\s+7\s+default-seed7-\S+.*restored from DVC's run-cache, not trained$", again, re.M), again
+    assert "seconds:        none measured: every run was restored from DVC's run-cache" in again, again
+
 
 def test_make_compare_shows_the_params_that_differ_within_120_columns_and_no_hashes(pushed_clone):
     """The README's loop: one experiment with the epochs and the learning rate changed (and a hash, not shown), in a

@@ -2,6 +2,7 @@
 (tests/test_pipeline.py runs it for real, two seeds in a throw-away DVC repository)."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -137,5 +138,30 @@ def test_the_results_are_read_from_the_commit_the_runs_branched_from_though_head
     monkeypatch.setattr(seeds, "wait", lambda names, jobs: datetime.fromisoformat("2026-12-06T04:00:00"))
     monkeypatch.setattr(seeds, "dvc", dvc)
     seeds.run_seeds("best", 1, 0, 1, [])
-    assert calls == [("exp", "show", "--json", "--rev", "queued-on")]
+    assert calls == [("exp", "show", "--json", "--rev", "queued-on"), ("queue", "logs", "best-seed0-x")]
     assert "test accuracy:  mean 0.9800" in capsys.readouterr().out
+
+
+def test_a_run_restored_from_the_run_cache_is_flagged_and_its_seconds_are_left_out(monkeypatch, capsys):
+    """Same params, data and code as an earlier run: DVC checks out that run's model in seconds. Its accuracy is the
+    earlier run's, but its seconds are a checkout's, not a run's time."""
+    record = {
+        "metrics": {
+            "metrics/train.json": {"data": {"val_accuracy": 0.99}},
+            "metrics/eval.json": {"data": {"accuracy": 0.98}},
+        }
+    }
+    rows = {"a": record, "b": record}
+    seeds.report("best", [0, 1], ["a", "b"], {"a": 7.0, "b": 450.0}, rows, restored={"a"})
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+0\s+a\s+0\.9900\s+0\.9800\s+7  restored from DVC's run-cache, not trained$", out, re.M), out
+    assert "seconds:        mean 450, min 450, max 450 (n=1, each run with its set-up, one at a time; 1 restored" in out
+    seeds.report("best", [0], ["a"], {"a": 7.0}, rows, restored={"a"})
+    assert "none measured: every run was restored from DVC's run-cache" in capsys.readouterr().out
+
+    logs = {
+        "a": "Stage 'preprocess' didn't change, skipping\nStage 'train' is cached - skipping run, checking out",
+        "b": "",
+    }
+    monkeypatch.setattr(seeds, "dvc", lambda *args: logs[args[-1]] if args[:2] == ("queue", "logs") else "")
+    assert [seeds.restored_from_run_cache(name) for name in "ab"] == [True, False]
