@@ -16,7 +16,7 @@ from mnist_pipeline.presets import BEST, PRESETS, set_options
 
 def test_set_options_are_what_dvc_exp_run_s_parses_back_to_the_preset():
     options = set_options(BEST)
-    assert "model.cnn.conv_channels=[16,32,64]" in options and "model.cnn.batch_norm=true" in options
+    assert "model.cnn.conv_channels=[16,48,96]" in options and "model.cnn.batch_norm=true" in options
     parsed = {}
     for option in options:
         key, value = option.split("=", 1)
