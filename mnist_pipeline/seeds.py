@@ -159,7 +159,7 @@ def report(
     names: list[str],
     seconds: dict[str, float | None],
     rows: dict[str, dict],
-    restored: set[str] = frozenset(),
+    restored: set[str],
 ) -> None:
     print(f"\n{preset} preset over {len(seeds)} seeds on {this_cpu().describe()}")
     print(f"{'seed':>4}  {'experiment':<28} {'val_accuracy':>12} {'test accuracy':>13} {'seconds':>8}")
@@ -179,7 +179,7 @@ def report(
             f"{'seconds:':<15} mean {statistics.mean(times):.0f}, min {min(times):.0f}, max {max(times):.0f} "
             f"(n={len(times)}, each run with its set-up, one at a time{left_out})"
         )
-    elif restored:
+    elif restored.issuperset(names):
         print(f"{'seconds:':<15} none measured: every run was restored from DVC's run-cache, not trained")
 
 

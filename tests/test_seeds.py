@@ -158,6 +158,8 @@ def test_a_run_restored_from_the_run_cache_is_flagged_and_its_seconds_are_left_o
     assert "seconds:        mean 450, min 450, max 450 (n=1, each run with its set-up, one at a time; 1 restored" in out
     seeds.report("best", [0], ["a"], {"a": 7.0}, rows, restored={"a"})
     assert "none measured: every run was restored from DVC's run-cache" in capsys.readouterr().out
+    seeds.report("best", [0, 1], ["a", "b"], {"a": None, "b": None}, rows, restored={"a"})
+    assert "none measured" not in capsys.readouterr().out, "side by side, one restored run of two is not every run"
 
     logs = {
         "a": "Stage 'preprocess' didn't change, skipping\nStage 'train' is cached - skipping run, checking out",
