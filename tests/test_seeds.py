@@ -13,6 +13,14 @@ import yaml
 from mnist_pipeline import seeds
 from mnist_pipeline.presets import BEST, PRESETS, set_options
 
+# One experiment's data in `dvc exp show --json`: validation accuracy 0.99, test accuracy 0.98.
+RECORD = {
+    "metrics": {
+        "metrics/train.json": {"data": {"val_accuracy": 0.99}},
+        "metrics/eval.json": {"data": {"accuracy": 0.98}},
+    }
+}
+
 
 def test_set_options_are_what_dvc_exp_run_s_parses_back_to_the_preset():
     options = set_options(BEST)
@@ -30,12 +38,7 @@ def test_set_options_are_what_dvc_exp_run_s_parses_back_to_the_preset():
 
 
 def test_experiment_rows_finds_named_experiments_wherever_dvc_nests_them():
-    record = {
-        "metrics": {
-            "metrics/train.json": {"data": {"val_accuracy": 0.99}},
-            "metrics/eval.json": {"data": {"accuracy": 0.98}},
-        }
-    }
+    record = RECORD
     shown = [
         {"rev": "workspace", "name": None, "data": {"metrics": {}}},
         {
@@ -114,13 +117,7 @@ def test_starting_the_workers_returns_while_they_run(tmp_path, monkeypatch):
 def test_the_results_are_read_from_the_commit_the_runs_branched_from_though_head_moved_on(monkeypatch, capsys):
     """A commit made while the seeds run moves HEAD, whose experiments `dvc exp show` lists by default: the runs are
     read back from the commit they were queued on."""
-    record = {
-        "timestamp": "2026-12-06T04:05:00",
-        "metrics": {
-            "metrics/train.json": {"data": {"val_accuracy": 0.99}},
-            "metrics/eval.json": {"data": {"accuracy": 0.98}},
-        },
-    }
+    record = {"timestamp": "2026-12-06T04:05:00", **RECORD}
     shown = [
         {
             "rev": "queued-on",
@@ -145,12 +142,7 @@ def test_the_results_are_read_from_the_commit_the_runs_branched_from_though_head
 def test_a_run_restored_from_the_run_cache_is_flagged_and_its_seconds_are_left_out(monkeypatch, capsys):
     """Same params, data and code as an earlier run: DVC checks out that run's model in seconds. Its accuracy is the
     earlier run's, but its seconds are a checkout's, not a run's time."""
-    record = {
-        "metrics": {
-            "metrics/train.json": {"data": {"val_accuracy": 0.99}},
-            "metrics/eval.json": {"data": {"accuracy": 0.98}},
-        }
-    }
+    record = RECORD
     rows = {"a": record, "b": record}
     seeds.report("best", [0, 1], ["a", "b"], {"a": 7.0, "b": 450.0}, rows, restored={"a"})
     out = capsys.readouterr().out
