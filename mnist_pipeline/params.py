@@ -205,6 +205,8 @@ class TrainParams(Section):
     shift_pixels: Annotated[int, Field(ge=0, le=8)]
     rotate_degrees: number(ge=0, le=30)
     zoom_percent: number(ge=0, le=30)
+    elastic_pixels: number(ge=0, le=4)
+    elastic_sigma: number(ge=1, le=10)
 
 
 class EvaluateParams(Section):

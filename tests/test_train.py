@@ -116,14 +116,14 @@ def test_train_keep_picks_the_best_validated_epoch_or_the_last(workdir, monkeypa
 
 def test_zero_rotation_and_zoom_is_the_identity():
     pixels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    rotated = augment.random_affine(pixels, 0, 0, torch.Generator().manual_seed(0))
+    rotated = augment.random_warp(pixels, 0, 0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(rotated, pixels.float(), atol=1e-3, rtol=0)
 
 
 def test_rotation_stays_within_the_limit_and_varies_between_images():
     pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     pixels[:, 0, 14, 4:24] = 255  # a horizontal bar through the centre, 20 pixels long
-    rotated = augment.random_affine(pixels, 10, 0, torch.Generator().manual_seed(0))
+    rotated = augment.random_warp(pixels, 10, 0, torch.Generator().manual_seed(0))
     assert rotated.dtype == torch.float32 and rotated.min() >= 0 and rotated.max() <= 255
     rows = [(image[0] > 100).nonzero()[:, 0] for image in rotated]
     # 10 pixels from the centre, a 10° turn moves the bar's end by 10·sin(10°) ≈ 1.7 rows
@@ -135,10 +135,41 @@ def test_rotation_stays_within_the_limit_and_varies_between_images():
 def test_zoom_scales_about_the_centre_within_the_limit():
     pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     pixels[:, 0, 4:24, 4:24] = 255  # a 20-pixel square
-    zoomed = augment.random_affine(pixels, 0, 0.2, torch.Generator().manual_seed(0))
+    zoomed = augment.random_warp(pixels, 0, 0.2, torch.Generator().manual_seed(0))
     sides = [(image[0, 14] > 127).sum().item() for image in zoomed]
     assert min(sides) >= 20 * 0.8 - 1 and max(sides) <= 20 * 1.2 + 1
     assert min(sides) < 19 and max(sides) > 21, "both zooming in and zooming out happen"
+
+
+def test_elastic_displacements_move_pixels_as_far_as_asked_smoothly_and_differently_per_image():
+    displacements = augment.elastic_displacements(256, 28, 28, 2.0, 4, torch.Generator().manual_seed(0), "cpu")
+    assert displacements.shape == (256, 28, 28, 2)
+    rms = displacements.square().mean(dim=(0, 1, 2)).sqrt()
+    torch.testing.assert_close(rms, torch.tensor([2.0, 2.0]), atol=0.1, rtol=0)  # along x and along y
+    neighbours = (displacements[:, :, 1:] - displacements[:, :, :-1]).square().mean().sqrt()
+    assert neighbours < 0.25 * 2.0, "a smooth field: next-door pixels move nearly alike"
+    assert (displacements[0] - displacements[1]).abs().mean() > 1.0, "each image bends its own way"
+
+
+def test_elastic_distortion_bends_a_stroke_without_breaking_or_moving_it_far():
+    pixels = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    pixels[:, 0, 4:24, 12:16] = 255  # a vertical bar, 4 pixels wide, columns 12 to 15
+    bent = augment.random_warp(pixels, 0, 0, torch.Generator().manual_seed(0), elastic_pixels=1.0, elastic_sigma=4)
+    assert bent.dtype == torch.float32 and bent.min() >= 0
+    assert bent.max() <= 255 + 1e-3, "bilinear weights sum to 1, up to rounding"
+    rows = bent[:, 0, 9:19]  # 5 rows from the bar's ends: they may move up or down
+    assert (rows.amax(2) > 127).all(), "the bar is bent, never broken"
+    centres = (rows * torch.arange(28.0)).sum(2) / rows.sum(2)  # where each row meets the bar
+    assert ((centres - 13.5).abs() <= 5).all(), "pixels move a few pixels at most"
+    assert centres.std(1).min() > 0.05, "each bar bends, not only moves"
+    assert len({tuple(c.round().tolist()) for c in centres}) > 32, "the bends differ between images"
+
+
+def test_elastic_distortion_alone_is_augmentation():
+    params = load_params(REPO_ROOT / "params.yaml").train
+    plain = params.model_copy(update={"shift_pixels": 0, "rotate_degrees": 0, "zoom_percent": 0, "elastic_pixels": 0})
+    assert not augment.augments(plain)
+    assert augment.augments(plain.model_copy(update={"elastic_pixels": 1.0}))
 
 
 RESUMABLE_PARAMS = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 6}}
