@@ -27,6 +27,10 @@ METRICS = {"val_accuracy": ("metrics/train.json", "val_accuracy"), "test accurac
 # timed, on 2 cores about 25% longer epochs. Every 10 s it costs a few percent of one core; the seconds reported come
 # from DVC's commit times, not from when the poll noticed.
 POLL_SECONDS = 10.0
+# A new worker takes a while to register: until then `dvc queue status` says "0 active" with the seeds still queued.
+# Starting another worker at once ran two seeds side by side, each epoch four times slower; only a queue seen stalled
+# for this long has its workers started again.
+STALLED_SECONDS = 60.0
 ENDED = ("Success", "Failed")
 # What `dvc exp run` logs when it checks out an earlier run's outputs instead of running the stage.
 RESTORED_TRAINING = "Stage 'train' is cached"
@@ -84,15 +88,20 @@ def wait(names: list[str], jobs: int) -> datetime:
     """Start the queue's workers and wait until every experiment of `names` has ended; when the queue started."""
     started = datetime.now()
     start_workers(jobs)
-    ended = set()
+    ended, stalled_since = set(), None
     while len(ended) < len(names):
         time.sleep(POLL_SECONDS)
         status = dvc("queue", "status")
         states = queue_states(status, names)
-        if "Worker status: 0 active" in status and "Queued" in states.values():
+        if "Worker status: 0 active" in status and "Queued" in states.values() and "Running" not in states.values():
             # A worker can stop with ours still queued (seen after a sweep's `dvc queue stop --kill`, and a worker
             # that found the queue empty just before ours arrived): they would wait for ever. Start the workers again.
-            start_workers(jobs)
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since >= STALLED_SECONDS:
+                start_workers(jobs)
+                stalled_since = None
+        else:
+            stalled_since = None
         for name, state in states.items():
             if state in ENDED and name not in ended:
                 ended.add(name)

@@ -99,8 +99,27 @@ def test_a_worker_that_stopped_before_taking_the_seeds_is_started_again(monkeypa
     monkeypatch.setattr(seeds, "dvc", dvc)
     monkeypatch.setattr(seeds, "start_workers", lambda jobs: calls.append(("queue", "start", "-j", str(jobs))))
     monkeypatch.setattr(seeds, "POLL_SECONDS", 0)
+    monkeypatch.setattr(seeds, "STALLED_SECONDS", 0)
     seeds.wait(["default-seed0-x"], 1)
     assert calls.count(("queue", "start", "-j", "1")) == 2 and "default-seed0-x: success" in capsys.readouterr().out
+
+
+def test_a_worker_still_registering_is_waited_for_not_doubled(monkeypatch, capsys):
+    """A fresh worker is not yet counted as active for a while: starting another then ran two seeds side by side."""
+    statuses = iter(
+        [
+            "Task  Name  Created  Status\nabc  default-seed0-x  07:22  Queued\n\nWorker status: 0 active, 0 idle\n",
+            "Task  Name  Created  Status\nabc  default-seed0-x  07:22  Running\n\nWorker status: 0 active, 0 idle\n",
+            "Task  Name  Created  Status\nabc  default-seed0-x  07:22  Success\n\nWorker status: 0 active, 0 idle\n",
+        ]
+    )
+    started = []
+    monkeypatch.setattr(seeds, "dvc", lambda *args: next(statuses))
+    monkeypatch.setattr(seeds, "start_workers", started.append)
+    monkeypatch.setattr(seeds, "POLL_SECONDS", 0)
+    seeds.wait(["default-seed0-x"], 1)
+    assert started == [1], "the workers are started once"
+    assert "default-seed0-x: success" in capsys.readouterr().out
 
 
 def test_starting_the_workers_returns_while_they_run(tmp_path, monkeypatch):
