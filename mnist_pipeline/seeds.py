@@ -96,7 +96,8 @@ def wait(names: list[str], jobs: int) -> datetime:
         if "Worker status: 0 active" in status and "Queued" in states.values() and "Running" not in states.values():
             # A worker can stop with ours still queued (seen after a sweep's `dvc queue stop --kill`, and a worker
             # that found the queue empty just before ours arrived): they would wait for ever. Start the workers again.
-            stalled_since = stalled_since or time.monotonic()
+            if stalled_since is None:
+                stalled_since = time.monotonic()
             if time.monotonic() - stalled_since >= STALLED_SECONDS:
                 start_workers(jobs)
                 stalled_since = None
