@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from mnist_pipeline.augment import augment, augments
@@ -259,12 +259,35 @@ def prepare(params: Params, worker: Worker, prepared: Path, pretrained: Path, ca
 
 
 def moving_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the model's weights and batch-norm statistics (a copy of the model, which
-    starts from its weights), or None with a decay of 0. Each step's weights are noisy; their average generalises
-    better (the EMA of ansh941/MnistSimpleCNN and of timm)."""
+    """An exponential moving average of the model's weights and batch-norm statistics, or None with a decay of 0.
+    Each step's weights are noisy; their average generalises better (the EMA of ansh941/MnistSimpleCNN and of timm).
+    """
     if not decay:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=debiased_ema(decay), use_buffers=True)
+
+
+def debiased_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """AveragedModel's update for the mean of the weights of every step so far, each weighted by decay ** its age.
+
+    A plain EMA starts from the first step's weights and forgets them slowly: at 0.9995, 65% of the average is still
+    the barely trained first step after 860 steps, and validation scores a model at chance for epochs; 2% of it
+    after 7,740. Dividing by the weights' sum, as Adam corrects its moments' bias, leaves the same average over any
+    window of recent steps without that start.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], models_averaged: torch.Tensor) -> None:
+        # The step's share of the new mean, kept on the device: reading the count back would stall CUDA every step.
+        share = (1 - decay) / (1 - decay ** (models_averaged + 1).double())
+        if not torch.is_floating_point(averaged[0]):  # batch norm's batch counts: the latest is the count
+            torch._foreach_copy_(averaged, current)
+            return
+        share = share.to(averaged[0].dtype)
+        torch._foreach_mul_(averaged, 1 - share)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, share))
+
+    return update
 
 
 def training_step(

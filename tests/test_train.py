@@ -79,6 +79,22 @@ def test_with_ema_decay_the_stage_keeps_the_moving_average_that_validation_score
     ), "the average is not the trained weights"
 
 
+def test_the_moving_average_weighs_every_steps_weights_by_decay_to_their_age():
+    """train.ema_decay's average is the decay-weighted mean of all the steps' weights, not a plain EMA that starts
+    as the first step's weights; batch norm's batch count is the latest."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    averaged, decay, steps = training.moving_average(model, 0.9), 0.9, [3.0, -1.0, 7.0, 2.0, 5.0]
+    for step, value in enumerate(steps, 1):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+        model[1].num_batches_tracked.fill_(step)
+        averaged.update_parameters(model)
+    ages = torch.arange(len(steps) - 1, -1, -1, dtype=torch.float64)
+    expected = (decay**ages * torch.tensor(steps, dtype=torch.float64)).sum() / (decay**ages).sum()
+    assert averaged.module[0].weight.detach().flatten().tolist() == pytest.approx([expected.item()] * 2, rel=1e-6)
+    assert averaged.module[1].num_batches_tracked.item() == len(steps)
+
+
 def test_training_is_reproducible_and_keeps_the_best_epoch(workdir):
     update_params(workdir / "params.yaml", TINY_PARAMS)
     write_synthetic_mnist(workdir / "data/raw", train=400, test=100)
