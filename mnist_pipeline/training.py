@@ -278,12 +278,11 @@ def debiased_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tenso
 
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], models_averaged: torch.Tensor) -> None:
-        # The step's share of the new mean, kept on the device: reading the count back would stall CUDA every step.
-        share = (1 - decay) / (1 - decay ** (models_averaged + 1).double())
         if not torch.is_floating_point(averaged[0]):  # batch norm's batch counts: the latest is the count
             torch._foreach_copy_(averaged, current)
             return
-        share = share.to(averaged[0].dtype)
+        # The step's share of the new mean, kept on the device: reading the count back would stall CUDA every step.
+        share = ((1 - decay) / (1 - decay ** (models_averaged + 1).double())).to(averaged[0].dtype)
         torch._foreach_mul_(averaged, 1 - share)
         torch._foreach_add_(averaged, torch._foreach_mul(current, share))
 
