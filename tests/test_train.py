@@ -83,7 +83,8 @@ def test_the_moving_average_weighs_every_steps_weights_by_decay_to_their_age():
     """train.ema_decay's average is the decay-weighted mean of all the steps' weights, not a plain EMA that starts
     as the first step's weights; batch norm's batch count is the latest."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
-    averaged, decay, steps = training.moving_average(model, 0.9), 0.9, [3.0, -1.0, 7.0, 2.0, 5.0]
+    decay, steps = 0.9, [3.0, -1.0, 7.0, 2.0, 5.0]
+    averaged = training.moving_average(model, decay)
     for step, value in enumerate(steps, 1):
         with torch.no_grad():
             model[0].weight.fill_(value)
