@@ -15,7 +15,7 @@ import onnx
 
 from mnist_pipeline.cpu import this_cpu
 from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.int8_verification import compare_with_reference
+from mnist_pipeline.int8_verification import agreement_phrase, compare_with_reference
 from mnist_pipeline.onnx_io import onnx_outputs
 from mnist_pipeline.prepared import load_split
 
@@ -38,7 +38,7 @@ def main() -> None:
             raise PipelineError(f"{args.model} failed its check against its definition: {problem}")
         print(
             f"{args.model}: on {len(pixels)} test images on this CPU ({this_cpu().describe()}), every layer in "
-            f"onnxruntime within {figures['int8_layer_max_steps']} quantisation step of onnx's reference evaluator "
+            f"onnxruntime {agreement_phrase(figures['int8_layer_max_steps'])} onnx's reference evaluator "
             f"given the same inputs, and onnxruntime's class the reference's end to end for "
             f"{figures['int8_reference_agreement']:.2%}; weights within the bounds that keep every CPU exact "
             f"({time.perf_counter() - started:.0f} s)"

@@ -30,6 +30,12 @@ WEIGHT_LIMIT, ACTIVATION_LIMIT, ACCUMULATOR_LIMIT = 64, 255, 2**31 - 1
 OUTPUT_AXIS = {"Conv": 0, "MatMul": -1}  # of the weights; Gemm's is 0 with transB = 1 (PyTorch's Linear), else 1
 
 
+def agreement_phrase(max_steps: int) -> str:
+    """How the largest layer difference reads between 'each layer' and "onnx's reference evaluator": where no layer
+    differs (as on a CPU whose kernels round as the reference does), there is no step to count."""
+    return "identical to" if max_steps == 0 else f"within {max_steps} quantisation step{'s' * (max_steps != 1)} of"
+
+
 def weight_bound_problem(model: onnx.ModelProto) -> str | None:
     """What in the int8 model could overflow or saturate an integer kernel on some CPU, or None: a weight beyond
     ±WEIGHT_LIMIT, or an output channel whose largest possible sum (bias included) does not fit in 32 bits."""

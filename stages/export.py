@@ -6,7 +6,7 @@ from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.device import predict_logits
 from mnist_pipeline.errors import PipelineError, disk_fault, gist, run_stage
 from mnist_pipeline.files import atomic_path, write_json
-from mnist_pipeline.int8_verification import check_int8
+from mnist_pipeline.int8_verification import agreement_phrase, check_int8
 from mnist_pipeline.model import export_form
 from mnist_pipeline.onnx_export import (
     calibration_sample,
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{paths.onnx}: {size / 1024:.0f} KiB, opset {opset}, test accuracy {metrics['accuracy']:.4f}, "
         f"max |logit difference| vs PyTorch {details['max_abs_diff']:.1e}, predictions identical\n"
         f"{paths.int8}: {int8_size / 1024:.0f} KiB, test accuracy {metrics['int8_accuracy']:.4f}, "
-        f"same class as fp32 for {metrics['int8_agreement']:.2%} of the test images; each layer within "
-        f"{details['int8_layer_max_steps']} quantisation step of onnx's reference evaluator on the "
+        f"same class as fp32 for {metrics['int8_agreement']:.2%} of the test images; each layer "
+        f"{agreement_phrase(details['int8_layer_max_steps'])} onnx's reference evaluator on the "
         f"{details['int8_reference_images']} checked, whose class it gives for "
         f"{details['int8_reference_agreement']:.2%}"
     )

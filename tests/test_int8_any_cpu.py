@@ -18,7 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mnist_pipeline import int8_verification, onnx_export
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.int8_verification import check_layers, compare_with_reference, weight_bound_problem
+from mnist_pipeline.int8_verification import (
+    agreement_phrase,
+    check_layers,
+    compare_with_reference,
+    weight_bound_problem,
+)
 from mnist_pipeline.params import ExportParams
 
 QEMU = shutil.which("qemu-x86_64")
@@ -208,6 +213,13 @@ def test_a_layer_more_than_a_step_from_the_reference_is_named_with_its_differenc
         r"images checked \(float32 rounding accounts for 1 at most\)",
         found.problem,
     ), found.problem
+
+
+def test_the_largest_layer_difference_reads_as_a_sentence():
+    """On a CPU whose kernels round as the reference does (an AVX2-only one), no layer differs: no step to count."""
+    assert agreement_phrase(0) == "identical to"
+    assert agreement_phrase(1) == "within 1 quantisation step of"
+    assert agreement_phrase(2) == "within 2 quantisation steps of"
 
 
 @pytest.mark.parametrize("fp32_right, int8_right, passes", [(1801, 1797, True), (1801, 1796, False)])
