@@ -26,6 +26,7 @@ from conftest import (
 from dvc_render.base import Renderer
 
 from mnist_pipeline.checkpoint import load_checkpoint
+from mnist_pipeline.int8_verification import agreement_phrase
 from mnist_pipeline.params import DATASET_FILES
 
 pytestmark = pytest.mark.slow
@@ -374,8 +375,7 @@ def test_the_export_stage_writes_a_verified_int8_model_on_an_emulated_avx2_cpu(p
     details = json.loads((tmp_path / "d.json").read_text())
     assert details["int8_layer_max_steps"] <= 1 and details["int8_reference_images"] == 200
     assert json.loads((tmp_path / "export.json").read_text())["int8_accuracy"] > 0.5
-    steps = "identical to" if details["int8_layer_max_steps"] == 0 else "within 1 quantisation step of"
-    assert f"each layer {steps} onnx's reference evaluator" in result.stdout
+    assert f"each layer {agreement_phrase(details['int8_layer_max_steps'])} onnx's reference evaluator" in result.stdout
 
 
 def test_bad_param_fails_in_one_line_and_the_last_results_come_back_from_dvc(project):
