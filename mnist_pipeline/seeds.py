@@ -24,9 +24,10 @@ from mnist_pipeline.presets import PRESETS, set_options
 
 METRICS = {"val_accuracy": ("metrics/train.json", "val_accuracy"), "test accuracy": ("metrics/eval.json", "accuracy")}
 # Each `dvc queue status` costs about a CPU-second: polled every second, it took a quarter of a core from the runs it
-# timed, on 2 cores about 25% longer epochs. Every 10 s it costs a few percent of one core; the seconds reported come
-# from DVC's commit times, not from when the poll noticed.
-POLL_SECONDS = 10.0
+# timed, on 2 cores about 25% longer epochs, and every 10 s still 9% of a core (top, on an AVX2-only AMD EPYC Milan).
+# Every 30 s it costs 3%. The queue's worker starts each run itself, so a slower poll delays only the report, and
+# the seconds reported come from DVC's commit times, not from when the poll noticed.
+POLL_SECONDS = 30.0
 # A new worker takes a while to register: until then `dvc queue status` says "0 active" with the seeds still queued.
 # Starting another worker at once ran two seeds side by side, each epoch four times slower; only a queue seen stalled
 # for this long has its workers started again.
