@@ -21,8 +21,8 @@ FAST = {
 # channels), a wider hidden layer, rotations (±15°) and zooms (±15%) on top of ±3-pixel shifts, a gentler peak learning
 # rate than the default's (0.003, not 0.004), and a moving average of the weights over about the last 2,000 steps, kept
 # at the last of a fixed 18 epochs. In bf16 where the CPU computes it natively (AVX512-BF16, AMX), fp32 elsewhere,
-# where it is over the 600 s goal on 2 cores (about 950 s a run on an AVX2-only AMD EPYC Milan). Each run's time and
-# the accuracy over seeds, with what each change bought, are in docs/performance.md.
+# where it is over the 600 s goal on 2 cores (1,046 to 1,123 s a run, 99.68% over 5 seeds, on an AVX2-only AMD EPYC
+# Milan). Each run's time and the accuracy over seeds, with what each change bought, are in docs/performance.md.
 BEST = {
     "model": {"cnn": {"conv_channels": [16, 48, 96], "convs_per_block": 2, "batch_norm": True, "fc_units": 256}},
     "train": {
