@@ -15,6 +15,7 @@ import onnx
 import pytest
 from conftest import REPO_ROOT
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from mnist_pipeline import int8_verification, onnx_export
 from mnist_pipeline.errors import PipelineError
@@ -221,6 +222,49 @@ def test_the_largest_layer_difference_reads_as_a_sentence():
     assert agreement_phrase(0) == "identical to"
     assert agreement_phrase(1) == "within 1 quantisation step of"
     assert agreement_phrase(2) == "within 2 quantisation steps of"
+
+
+@pytest.mark.parametrize(
+    "size, attributes, in_numpy",
+    [
+        (28, {"kernel_shape": [2, 2], "strides": [2, 2]}, True),  # the models' own pooling
+        (7, {"kernel_shape": [2, 2], "strides": [2, 2]}, True),  # floor mode drops the last row and column
+        (9, {"kernel_shape": [3, 3], "strides": [3, 3]}, True),
+        (7, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, False),
+        (8, {"kernel_shape": [3, 3], "strides": [2, 2]}, False),
+        (8, {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 0, 0]}, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_the_reference_max_pool_gives_exactly_what_onnx_s_looped_one_does(
+    size, attributes, in_numpy, dtype, monkeypatch
+):
+    """The export's reference check pools with numpy in one step (int8_verification.MaxPool) where onnx loops in
+    Python: the same values, bit for bit, with repeated maxima and negative values among them, and onnx's own loop
+    for the settings the numpy form does not cover."""
+    node = helper.make_node("MaxPool", ["x"], ["y"], **attributes)
+    kind = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    model = helper.make_model(
+        helper.make_graph(
+            [node],
+            "pool",
+            [helper.make_tensor_value_info("x", kind, None)],
+            [helper.make_tensor_value_info("y", kind, None)],
+        ),
+        opset_imports=[helper.make_opsetid("", 19)],
+    )
+    values = np.random.default_rng(0).integers(0 if dtype == np.uint8 else -8, 8, (3, 4, size, size))
+    images = {"x": values.astype(dtype)}
+    onnx_own = ReferenceEvaluator(model).run(None, images)[0]
+    if in_numpy:  # so that the comparison is not onnx's loop against itself
+
+        def looped(*args, **kwargs):
+            raise AssertionError("onnx's looped MaxPool ran where numpy's should")
+
+        monkeypatch.setattr(int8_verification.LoopedMaxPool, "_run", looped)
+    ours = int8_verification.reference_evaluator(model).run(None, images)[0]
+    assert ours.dtype == onnx_own.dtype and ours.shape == onnx_own.shape
+    np.testing.assert_array_equal(ours, onnx_own)
 
 
 @pytest.mark.parametrize("fp32_right, int8_right, passes", [(1801, 1797, True), (1801, 1796, False)])
