@@ -121,7 +121,8 @@ def test_bad_model_pt_stops_the_stage_before_it_writes(trained, stage, damage):
     make_bad, message = BAD_CHECKPOINTS[damage]
     make_bad(trained / paths.MODEL_FILE)
     with pytest.raises(PipelineError, match=re.escape(f"{paths.MODEL_FILE} {message}")):
-        {"evaluate": evaluate.main, "export": export.main}[stage]()
+        # No arguments: the stage's default paths, whatever pytest was run with.
+        {"evaluate": evaluate.main, "export": export.main}[stage]([])
     assert not any(path.exists() for path in OUTPUTS[stage])
     assert not (trained / "models/pwned").exists()
 
