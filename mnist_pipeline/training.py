@@ -32,7 +32,9 @@ from mnist_pipeline.prepared import load_meta, load_split
 from mnist_pipeline.pretrained import weights_file
 from mnist_pipeline.runtime import autocast_dtype, autocast_for
 
-EVAL_BATCH = 1000
+# Images per forward pass outside the steps. On a CPU, 1,000 spill each activation out of the caches: the best
+# preset's validation took 2.3 s at 1,000 and 1.3 s at 256 on an AVX2-only EPYC Milan (2 cores), every epoch.
+EVAL_BATCH = 256
 
 
 def as_tensors(prepared: Path, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
