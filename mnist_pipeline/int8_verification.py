@@ -19,7 +19,7 @@ from mnist_pipeline.onnx_io import INPUT_NAME, LOGITS, inference_session
 from mnist_pipeline.params import ExportParams
 
 REFERENCE_OPSET = 19  # the first opset whose DequantizeLinear onnx's reference evaluator implements
-REFERENCE_IMAGES = 500  # test images the export stage checks, under 2 s on 2 shared cores; `make check-int8` checks all
+REFERENCE_IMAGES = 500  # test images the export stage checks, 3 s for the best model on 2 cores; `make check-int8`: all
 REFERENCE_BATCH = 100
 STEP_LIMIT = 1  # quantisation steps a layer may differ from the reference by: float32 rounding (check_layers)
 FLOAT_LIMIT = 1e-5  # relative difference allowed in a float output (the softmax): float32 rounding too
