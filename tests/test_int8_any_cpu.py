@@ -227,12 +227,13 @@ def test_the_largest_layer_difference_reads_as_a_sentence():
 @pytest.mark.parametrize(
     "size, attributes, in_numpy",
     [
-        (28, {"kernel_shape": [2, 2], "strides": [2, 2]}, True),  # the models' own pooling
+        (28, {"kernel_shape": [2, 2], "strides": [2, 2]}, True),  # the CNN's pooling
         (7, {"kernel_shape": [2, 2], "strides": [2, 2]}, True),  # floor mode drops the last row and column
-        (9, {"kernel_shape": [3, 3], "strides": [3, 3]}, True),
+        (16, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, True),  # ResNet-18's
+        (9, {"kernel_shape": [3, 2], "strides": [1, 3], "pads": [2, 0, 0, 1]}, True),
         (7, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, False),
-        (8, {"kernel_shape": [3, 3], "strides": [2, 2]}, False),
-        (8, {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 0, 0]}, False),
+        (8, {"kernel_shape": [2, 2], "dilations": [2, 2]}, False),
+        (8, {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [2, 0, 0, 0]}, False),  # a window of padding only
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
